@@ -1,0 +1,257 @@
+"""One decoder-only transformer for the whole Llama family (Llama, CodeLlama, TinyLlama,
+SmolLM2, Qwen2), selected by `ModelConfig` fields rather than per-family copies.
+
+Module names follow HF transformers' Llama (`layers.N.self_attn.q_proj` ...), so a HF
+checkpoint maps onto this model by dropping its `model.` prefix and nothing else.
+
+The KV cache is preallocated and indexed by position: `cache_len` says how many positions
+are valid, so rolling back after a rejected speculative draft is one integer assignment.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from draftlm.config import ModelConfig, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as the reference implementations do; bf16 variance drifts.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies of rotary embeddings, with linear or Llama-3 scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    if scaling.kind == "linear":
+        return (inv_freq / scaling.factor).float()
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended)
+    out = torch.where(wavelen < high_wavelen, inv_freq, out)
+    return out.float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (the HF layout). x: [B, H, T, D]; cos/sin: [T, D]."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values for positions [0, max_seq_len), written in place at their position."""
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | None, mask: Tensor | None
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and start_pos is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        # Causal among the new tokens only when they are all there is; with a cached past the
+        # explicit mask says which positions each new token may see (none for one token).
+        is_causal = mask is None and t > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | None, mask: Tensor | None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """`forward(input_ids [B, T]) -> logits [B, T, V]`.
+
+    Without a cache (training, scoring) every call is a full causal pass. After
+    `setup_cache`, `forward(ids, start_pos)` writes the new keys/values at
+    [start_pos, start_pos + T) and attends to everything before them; `rollback(n)` forgets
+    positions >= n in O(1).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.cache_len = 0
+        self.max_cache_len = 0
+        self._rope: tuple[Tensor, Tensor] | None = None
+
+    # ---- weights -----------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) linear/embedding weights, unit norms, zero biases (AMD's init)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- cache -------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> None:
+        """Allocate the KV cache once; generation then runs without further allocation."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} > model context {self.config.max_seq_len}")
+        weight = self.embed_tokens.weight
+        if (
+            self.max_cache_len == max_seq_len
+            and self.layers[0].self_attn.kv_cache is not None
+            and self.layers[0].self_attn.kv_cache.k.shape[0] == batch_size
+            and self.layers[0].self_attn.kv_cache.k.dtype == weight.dtype
+            and self.layers[0].self_attn.kv_cache.k.device == weight.device
+        ):
+            self.cache_len = 0
+            return
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(
+                batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim,
+                weight.dtype, weight.device,
+            )
+        self.max_cache_len = max_seq_len
+        self.cache_len = 0
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.max_cache_len = self.cache_len = 0
+
+    def rollback(self, length: int) -> None:
+        """Forget cached positions >= length. O(1): later writes simply overwrite them."""
+        if not 0 <= length <= self.cache_len:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self.cache_len}")
+        self.cache_len = length
+
+    # ---- forward -----------------------------------------------------------------------
+    def _rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            inv_freq = rope_frequencies(
+                self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+            )
+            pos = torch.arange(self.config.max_seq_len, dtype=torch.float32)
+            angles = torch.outer(pos, inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            self._rope = (angles.cos().to(device), angles.sin().to(device))
+        return self._rope
+
+    def forward(
+        self, input_ids: Tensor, start_pos: int | None = None, num_logits: int | None = None
+    ) -> Tensor:
+        """Logits for the last `num_logits` positions (all when None).
+
+        `start_pos` selects the cached path; it must equal `cache_len` or lie below it
+        (which overwrites, i.e. an implicit rollback)."""
+        b, t = input_ids.shape
+        use_cache = start_pos is not None
+        if use_cache:
+            if self.layers[0].self_attn.kv_cache is None:
+                raise ValueError("start_pos given but no cache: call setup_cache() first")
+            if start_pos > self.cache_len:
+                raise ValueError(f"start_pos {start_pos} skips past cache_len {self.cache_len}")
+            if start_pos + t > self.max_cache_len:
+                raise ValueError(
+                    f"{start_pos + t} positions exceed the cache of {self.max_cache_len}"
+                )
+        elif t > self.config.max_seq_len:
+            raise ValueError(f"{t} tokens exceed the context of {self.config.max_seq_len}")
+        first = start_pos or 0
+        cos, sin = self._rope_tables(input_ids.device)
+        cos, sin = cos[first : first + t], sin[first : first + t]
+        mask = None
+        if use_cache and first > 0 and t > 1:
+            # New token i sits at position first + i and may see every position up to it.
+            seen = torch.arange(first + t, device=input_ids.device)
+            mask = seen[None, :] <= (first + torch.arange(t, device=input_ids.device))[:, None]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos, mask)
+        if use_cache:
+            self.cache_len = first + t
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        return self.lm_head(self.norm(x))
