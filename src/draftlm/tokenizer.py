@@ -120,7 +120,8 @@ class Tokenizer:
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        (folder / "tokenizer_config.json").write_text(text)
 
     @classmethod
     def from_folder(
