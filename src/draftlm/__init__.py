@@ -2,6 +2,8 @@
 
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
+from draftlm.generate import GenerationResult, generate
+from draftlm.load import LM, load
 
-__all__ = ["DraftlmError", "ModelConfig"]
+__all__ = ["LM", "DraftlmError", "GenerationResult", "ModelConfig", "generate", "load"]
 __version__ = "0.1.0"
