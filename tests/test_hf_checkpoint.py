@@ -175,6 +175,17 @@ def test_dtype_on_save_and_on_read(tmp_path):
     assert json.loads((folder16 / "config.json").read_text())["torch_dtype"] == "float16"
 
 
+def test_save_accepts_views_and_strided_tensors(tmp_path):
+    state = dict(_random_model(LLAMA).state_dict())
+    big = torch.randn(2 * LLAMA.dim)
+    state["norm.weight"] = big[::2]  # strided view into a larger storage
+    state["embed_tokens.weight"] = state["embed_tokens.weight"].t().contiguous().t()
+    folder = save_hf_folder(tmp_path / "views", LLAMA, state, None)
+    tensors = hf_checkpoint.read_hf_tensors(folder, LLAMA)
+    assert torch.equal(tensors["norm.weight"], big[::2])
+    assert torch.equal(tensors["embed_tokens.weight"], state["embed_tokens.weight"])
+
+
 def test_sharded_save_reads_back(tmp_path):
     model = _random_model(LLAMA)
     folder = save_hf_folder(tmp_path / "sharded", LLAMA, model, _small_tokenizer(),

@@ -384,7 +384,7 @@ def save_hf_folder(
     folder appears complete or not at all: an existing folder is replaced only after the
     new one is fully written, and only if it is a checkpoint folder (has config.json) or
     empty, so a mistyped path cannot wipe unrelated files."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the real location: renames then never touch a symlink
     if max_shard_bytes <= 0:
         raise DraftlmError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if folder.exists() and not folder.is_dir():
