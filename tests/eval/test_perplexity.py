@@ -1,0 +1,100 @@
+"""Perplexity: the sliding window scores each token once, with the context it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_lm
+
+from draftlm.errors import DraftlmError
+from draftlm.eval.perplexity import cmd_perplexity, score_text, token_nlls
+from draftlm.hf_checkpoint import save_hf_folder
+
+TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5 — ünïcödé\n" * 3
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny_lm(seed=1)
+
+
+def direct_nlls(model, ids: list[int]) -> torch.Tensor:
+    """One pass over the whole sequence: what the model says when it sees everything."""
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(seq[:, :-1])[0]
+    return F.cross_entropy(logits.float(), seq[0, 1:], reduction="none")
+
+
+def test_one_window_equals_exp_of_mean_token_loss(lm) -> None:
+    ids = [0, *lm.tokenizer.encode(TEXT, add_bos=False)]
+    assert len(ids) - 1 <= lm.config.max_seq_len
+    score = score_text(lm, TEXT, max_seq_len=lm.config.max_seq_len,
+                       stride=lm.config.max_seq_len)
+    expected = direct_nlls(lm.model, ids)
+    assert score.num_tokens == len(ids) - 1 == expected.numel()
+    assert score.perplexity == pytest.approx(math.exp(expected.mean().item()), rel=1e-5)
+    assert score.num_bytes == len(TEXT.encode())
+    assert score.bits_per_byte == pytest.approx(
+        expected.sum().item() / math.log(2) / len(TEXT.encode()), rel=1e-5)
+
+
+def test_stride_equal_window_is_chunked_loss_without_seams(lm) -> None:
+    ids = [0, *lm.tokenizer.encode(TEXT, add_bos=False)]
+    window = 16
+    nlls = token_nlls(lm.model, ids, max_seq_len=window, stride=window)
+    # Chunks of `window` inputs; each chunk's last logit predicts the next chunk's first
+    # token, so every one of the len(ids) - 1 targets is scored.
+    expected = torch.cat([
+        direct_nlls(lm.model, ids[b : b + window + 1]) for b in range(0, len(ids) - 1, window)
+    ])
+    assert nlls.shape == expected.shape == (len(ids) - 1,)
+    torch.testing.assert_close(nlls, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("window", "stride"), [(16, 5), (16, 1), (32, 31), (7, 3)])
+def test_sliding_window_against_brute_force(lm, window: int, stride: int) -> None:
+    ids = [0, *lm.tokenizer.encode(TEXT[:90], add_bos=False)]
+    nlls = token_nlls(lm.model, ids, max_seq_len=window, stride=stride)
+    # Brute force: target t is scored by the first window that reaches it; that window
+    # starts at k * stride and ends at most `window` tokens later.
+    expected = []
+    for t in range(1, len(ids)):
+        k = next(k for k in range(len(ids)) if min(k * stride + window, len(ids) - 1) >= t)
+        context = ids[k * stride : t + 1]
+        assert len(context) - 1 >= min(t, window - stride + 1)  # the context it promises
+        expected.append(direct_nlls(lm.model, context)[-1])
+    torch.testing.assert_close(nlls, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert nlls.numel() == len(ids) - 1  # every token scored exactly once
+
+
+def test_window_arguments_are_checked(lm) -> None:
+    with pytest.raises(DraftlmError, match="stride"):
+        score_text(lm, TEXT, max_seq_len=8, stride=9)
+    with pytest.raises(DraftlmError, match="context"):
+        score_text(lm, TEXT, max_seq_len=lm.config.max_seq_len + 1, stride=8)
+
+
+def test_cli_totals_over_files(tmp_path: Path, lm) -> None:
+    folder = tmp_path / "tiny"
+    save_hf_folder(folder, lm.config, lm.model, lm.tokenizer)
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    files[0].write_text(TEXT)
+    files[1].write_text("import os\nprint(os.getcwd())\n")
+    report = cmd_perplexity(str(folder), [str(f) for f in files], max_seq_len=32, stride=16,
+                            out=str(tmp_path / "ppl.json"))
+    singles = [score_text(lm, f.read_text(), 32, 16) for f in files]
+    nll = sum(s.nll_nats for s in singles)
+    tokens = sum(s.num_tokens for s in singles)
+    assert report["num_tokens"] == tokens
+    assert report["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert report["bits_per_byte"] == pytest.approx(
+        nll / math.log(2) / sum(len(f.read_bytes()) for f in files), rel=1e-4)
+    assert json.loads((tmp_path / "ppl.json").read_text())["files"][1]["name"] == str(files[1])
+    with pytest.raises(DraftlmError, match="no file"):
+        cmd_perplexity(str(folder), [str(tmp_path / "missing.txt")])
