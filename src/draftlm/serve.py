@@ -1,0 +1,104 @@
+"""`draftlm serve`: one model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+    draftlm serve --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --port 8000
+
+then point any OpenAI client at http://127.0.0.1:8000/v1. This module is only the
+command; the app is `serve_app.build_app` (usable on an already-loaded model), the wire
+format is `serve_api`, the generation thread and metrics are `serve_worker`. FastAPI is
+imported only when the command runs, so the rest of the CLI works without the `serve`
+extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from draftlm.errors import DraftlmError
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+def serve(
+    model: str,
+    draft: str | None = None,
+    ngram: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    num_draft_tokens: int = 5,
+    max_queue: int = 64,
+    max_tokens_limit: int = 1024,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    shutdown_timeout_s: int = 30,
+) -> None:
+    """Load `model` (and a drafter when asked) and serve it until interrupted.
+
+    On Ctrl-C uvicorn stops accepting connections, lets in-flight requests finish for up
+    to `shutdown_timeout_s`, cancels the rest, then the worker thread stops."""
+    try:
+        import uvicorn
+
+        from draftlm.serve_app import build_app
+    except ModuleNotFoundError as err:
+        raise DraftlmError(
+            f"`draftlm serve` needs FastAPI and uvicorn ({err.name} is missing): "
+            "pip install 'draftlm[serve]'"
+        ) from err
+    from draftlm.load import load
+
+    api_key = api_key or os.environ.get("DRAFTLM_API_KEY") or None
+    if not is_loopback(host) and api_key is None:
+        print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
+              "can reach this port can use the model", file=sys.stderr)
+    lm = load(model, dtype=dtype, device=device)
+    drafter = None
+    if draft is not None or ngram is not None:
+        from draftlm.speculative import build_drafter
+
+        drafter = build_drafter(lm, draft=draft, ngram=ngram,
+                                num_draft_tokens=num_draft_tokens, dtype=dtype, device=device)
+    app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
+                    max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=shutdown_timeout_s)
+    kind = " with speculative decoding" if drafter is not None else ""
+    print(f"draftlm serve: {lm.name}{kind} on http://{host}:{port}/v1", file=sys.stderr)
+    uvicorn.Server(config).run()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model behind an OpenAI-compatible API")
+    p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--draft", help="draft model for speculative decoding")
+    group.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
+    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "
+                   "(default: $DRAFTLM_API_KEY when set)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for the model; more get 429")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="largest max_tokens a request may ask for (the chat default too)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413")
+    p.add_argument("--shutdown-timeout-s", type=int, default=30,
+                   help="how long in-flight requests may run on after Ctrl-C")
+    p.set_defaults(func=serve)
