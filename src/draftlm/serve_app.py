@@ -225,15 +225,14 @@ def build_app(
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        ids = completion_prompt_ids(lm, body.prompt)
+        # Tokenizing a large prompt takes a while: keep it off the event loop.
+        ids = await asyncio.to_thread(completion_prompt_ids, lm, body.prompt)
         return await respond(request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         messages = [m.as_template_message() for m in body.messages]
-        rendered = lm.tokenizer.apply_chat_template(messages)
-        # The template writes BOS itself when the model wants one (as generate(chat=True)).
-        ids = lm.tokenizer.encode(rendered, add_bos=False)
+        ids = await asyncio.to_thread(chat_prompt_ids, lm, messages)
         return await respond(request, body, ids, body.requested_max_tokens(), chat=True)
 
     async def respond(
@@ -302,6 +301,13 @@ def completion_prompt_ids(lm: LM, prompt: str | list[str] | list[int]) -> list[i
     if any(not 0 <= t < vocab for t in prompt):  # type: ignore[operator]
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return [int(t) for t in prompt]
+
+
+def chat_prompt_ids(lm: LM, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered with the model's own chat template."""
+    rendered = lm.tokenizer.apply_chat_template(messages)
+    # The template writes BOS itself when the model wants one (as generate(chat=True)).
+    return lm.tokenizer.encode(rendered, add_bos=False)
 
 
 async def wait_for_end(job: Job, request: Request, poll_s: float = 0.25) -> tuple[str, Any]:
