@@ -285,6 +285,11 @@ def test_schema_errors_are_422(live, client) -> None:
         client.completions.create(model="m", prompt="x", temperature=5)
     error = error_of(post(live, "/v1/chat/completions", {"max_tokens": 3}), 422)
     assert error["param"] == "messages"
+    error = error_of(post(live, "/v1/completions", {"prompt": 123}), 422)
+    assert error["param"] == "prompt"  # not pydantic's union tag "prompt.str"
+    error = error_of(post(live, "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 422)
+    assert error["param"] == "messages.0.content"
     error_of(post(live, "/v1/chat/completions",
                   {"messages": [{"role": "wizard", "content": "x"}]}), 422)
     error_of(post(live, "/v1/completions", {"prompt": "x", "max_tokens": 0}), 422)

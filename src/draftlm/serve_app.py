@@ -165,9 +165,10 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def on_schema_error(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param, union = schema_param(first.get("loc", ()))
         message = first.get("msg", "invalid request")
-        param = ".".join(loc) or None
+        if union:
+            message = f"none of the accepted forms matches ({message})"
         return error_response(APIError(
             422, f"{param}: {message}" if param else message, param=param,
             code="invalid_value",
@@ -285,6 +286,23 @@ def build_app(
         )
 
     return app
+
+
+def schema_param(loc: tuple) -> tuple[str | None, bool]:
+    """The request field a pydantic error points at ("messages.0.content"), and whether
+    it failed a union of forms (pydantic then appends a type tag such as `str` or
+    `list[int]`, which is not a field)."""
+    parts = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part[:1].isupper()):
+            return ".".join(parts) or None, True
+        parts.append(str(part))
+    return ".".join(parts) or None, False
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def completion_prompt_ids(lm: LM, prompt: str | list[str] | list[int]) -> list[int]:

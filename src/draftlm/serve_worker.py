@@ -126,11 +126,7 @@ class Metrics:
 
 def speculative_counts(stats: dict[str, Any]) -> tuple[int, int]:
     """(drafted, accepted) tokens of one speculative run; (0, 0) for plain decoding."""
-    drafted = stats.get("draft_tokens", stats.get("drafted_tokens", 0))
-    accepted = stats.get("accepted_tokens", 0)
-    if not drafted and "acceptance_rate" in stats and "draft_tokens" not in stats:
-        return 0, 0
-    return int(drafted or 0), int(accepted or 0)
+    return int(stats.get("draft_tokens", 0)), int(stats.get("accepted_tokens", 0))
 
 
 class GenerationWorker:
