@@ -429,6 +429,15 @@ def test_shutdown_cancels_what_outlives_the_grace_period(lm) -> None:
     assert worker.metrics.counts["requests_completed_total"] == 0
 
 
+def test_a_stopped_worker_answers_503_not_a_hang(lm) -> None:
+    worker = GenerationWorker(lm)
+    with LiveServer(build_app(lm, worker=worker)) as server:
+        worker.stop()
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        body = {"prompt": "x", "max_tokens": 2}
+        assert error_of(post(server, "/v1/completions", body), 503)["code"] == "shutting_down"
+
+
 # ---- load ----------------------------------------------------------------------------------
 def test_load_16_clients_x_10_requests_equal_generate(live, lm) -> None:
     prompts = [f"prompt number {i}: " for i in range(16)]

@@ -197,9 +197,11 @@ def build_app(
 
     # ---- endpoints ---------------------------------------------------------------------
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok" if worker.alive else "stopped", "model": lm.name,
+    async def health() -> JSONResponse:
+        # 503 once the generation thread is gone, so a supervisor can restart the server.
+        body = {"status": "ok" if worker.alive else "stopped", "model": lm.name,
                 "queue_depth": worker.queue_depth, "in_flight": worker.in_flight}
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     @app.get("/metrics", dependencies=[Depends(check_key)], response_model=None)
     async def get_metrics(format: str = "json") -> dict[str, Any] | PlainTextResponse:
