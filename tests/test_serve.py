@@ -277,7 +277,8 @@ def test_bad_parameters_are_400(live, client, lm) -> None:
     error_of(post(live, "/metrics?format=xml"), 405)  # GET only
     assert error_of(post(live, "/v1/completions", {"model": "gpt-4", "prompt": "a"}),
                     404)["code"] == "model_not_found"
-    assert error_of(httpx.get(f"{live.url}/v1/nothing"), 404)["code"] == "not_found"
+    nothing = httpx.get(f"{live.url}/v1/nothing", headers=headers())
+    assert error_of(nothing, 404)["code"] == "not_found"
 
 
 def test_schema_errors_are_422(live, client) -> None:
@@ -318,6 +319,10 @@ def test_api_key(live, lm) -> None:
         response = post(live, "/v1/completions", {"prompt": "x", "max_tokens": 2}, key=key)
         assert error_of(response, 401)["code"] == "invalid_api_key"
     assert httpx.get(f"{live.url}/v1/models").status_code == 401
+    # The key is checked before the body is read: no parsing or buffering for strangers.
+    garbage = httpx.post(f"{live.url}/v1/completions", content=b"{not json" * 10_000)
+    assert error_of(garbage, 401)["code"] == "invalid_api_key"
+    assert garbage.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{live.url}/metrics").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         live.client(api_key="sk-wrong").models.list()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,24 +40,38 @@ from draftlm.serve_api import (
 from draftlm.serve_worker import GenerationWorker, Job
 
 
-class BodyLimit:
-    """ASGI middleware: reads at most `max_body_bytes` of a request body, else answers 413.
+class RequestGate:
+    """ASGI middleware in front of every route: the API key, then the body size.
 
-    The body is buffered here (it is small by construction) and replayed to the app, so
-    an oversized upload is refused whether or not it declares its Content-Length."""
+    Both are checked before the body is parsed, so a client without the key cannot make
+    the server buffer or validate anything, and an oversized upload is refused (413)
+    whether or not it declares its Content-Length. The accepted body (small by
+    construction) is buffered here and replayed to the app."""
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: Any, api_key: str | None, max_body_bytes: int,
+        on_reject: Callable[[], None], open_paths: tuple[str, ...] = ("/health",),
+    ) -> None:
         self.app = app
+        self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject
+        self.open_paths = open_paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"] not in self.open_paths:
+            problem = key_problem(headers.get(b"authorization", b""), self.api_key)
+            if problem:
+                await self._reject(send, APIError(401, problem, code="invalid_api_key",
+                                                  headers={"WWW-Authenticate": "Bearer"}))
+                return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send)
+            await self._reject(send, self._too_large())
             return
         chunks, size, more = [], 0, True
         while more:
@@ -68,7 +82,7 @@ class BodyLimit:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
-                await self._too_large(send)
+                await self._reject(send, self._too_large())
                 return
         body, replayed = b"".join(chunks), False
 
@@ -81,13 +95,25 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Any) -> None:
-        response = JSONResponse(
-            error_body(f"request body is larger than {self.max_body_bytes} bytes",
-                       "invalid_request_error", code="request_too_large"),
-            status_code=413,
-        )
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body is larger than {self.max_body_bytes} bytes",
+                        code="request_too_large")
+
+    async def _reject(self, send: Any, err: APIError) -> None:
+        self.on_reject()
+        response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         await response({"type": "http"}, _no_receive, send)
+
+
+def key_problem(authorization: bytes, api_key: str) -> str | None:
+    """Why an Authorization header does not carry `api_key`; None when it does."""
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "missing API key: send 'Authorization: Bearer <key>'"
+    # Constant time: how much of a guess matches must not show in the response time.
+    if not hmac.compare_digest(token.strip().encode("latin-1"), api_key.encode()):
+        return "incorrect API key"
+    return None
 
 
 async def _no_receive() -> dict:
@@ -146,7 +172,8 @@ def build_app(
                   openapi_url=None)
     app.state.worker = worker
     app.state.lm = lm
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes,
+                       on_reject=lambda: metrics.add(requests_rejected_total=1))
 
     # ---- errors: always OpenAI's shape -------------------------------------------------
     def error_response(err: APIError) -> JSONResponse:
@@ -185,16 +212,6 @@ def build_app(
         return error_response(APIError(500, "internal server error; see the server log",
                                        "server_error", code="internal_error"))
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
     # ---- endpoints ---------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -203,7 +220,7 @@ def build_app(
                 "queue_depth": worker.queue_depth, "in_flight": worker.in_flight}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
-    @app.get("/metrics", dependencies=[Depends(check_key)], response_model=None)
+    @app.get("/metrics", response_model=None)
     async def get_metrics(format: str = "json") -> dict[str, Any] | PlainTextResponse:
         snap = metrics.snapshot(worker.queue_depth, worker.in_flight, drafter is not None)
         if format == "prometheus":
@@ -215,24 +232,24 @@ def build_app(
     model_card = {"id": lm.name, "object": "model", "created": int(metrics.started_at),
                   "owned_by": "draftlm"}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != lm.name:
             raise APIError(404, f"no model {model_id!r}; this server serves {lm.name!r}",
                            param="model", code="model_not_found")
         return model_card
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)], response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         # Tokenizing a large prompt takes a while: keep it off the event loop.
         ids = await asyncio.to_thread(completion_prompt_ids, lm, body.prompt)
         return await respond(request, body, ids, body.max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=None)
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         messages = [m.as_template_message() for m in body.messages]
         ids = await asyncio.to_thread(chat_prompt_ids, lm, messages)
