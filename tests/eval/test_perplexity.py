@@ -49,10 +49,16 @@ def test_stride_equal_window_is_chunked_loss_without_seams(lm) -> None:
     window = 16
     nlls = token_nlls(lm.model, ids, max_seq_len=window, stride=window)
     # Chunks of `window` inputs; each chunk's last logit predicts the next chunk's first
-    # token, so every one of the len(ids) - 1 targets is scored.
-    expected = torch.cat([
-        direct_nlls(lm.model, ids[b : b + window + 1]) for b in range(0, len(ids) - 1, window)
-    ])
+    # token, so every one of the len(ids) - 1 targets is scored. The last chunk reaches
+    # back a full window and scores only its new targets.
+    last = len(ids) - 1
+    tail = last % window
+    full = last - tail
+    expected = [direct_nlls(lm.model, ids[b : b + window + 1]) for b in range(0, full, window)]
+    if tail:
+        expected.append(direct_nlls(lm.model, ids[last - window : last + 1])[-tail:])
+    expected = torch.cat(expected)
+    assert tail and full >= window  # the text exercises a short last chunk
     assert nlls.shape == expected.shape == (len(ids) - 1,)
     torch.testing.assert_close(nlls, expected, rtol=1e-5, atol=1e-5)
 
@@ -61,12 +67,14 @@ def test_stride_equal_window_is_chunked_loss_without_seams(lm) -> None:
 def test_sliding_window_against_brute_force(lm, window: int, stride: int) -> None:
     ids = [0, *lm.tokenizer.encode(TEXT[:90], add_bos=False)]
     nlls = token_nlls(lm.model, ids, max_seq_len=window, stride=stride)
-    # Brute force: target t is scored by the first window that reaches it; that window
-    # starts at k * stride and ends at most `window` tokens later.
+    # Brute force: window k ends at window + (k - 1) * stride (or the text's end) and
+    # reaches back `window` tokens; target t is scored by the first window that reaches it.
+    last = len(ids) - 1
     expected = []
     for t in range(1, len(ids)):
-        k = next(k for k in range(len(ids)) if min(k * stride + window, len(ids) - 1) >= t)
-        context = ids[k * stride : t + 1]
+        k = next(k for k in range(len(ids)) if min(window + max(0, k - 1) * stride, last) >= t)
+        end = min(window + max(0, k - 1) * stride, last)
+        context = ids[max(0, end - window) : t + 1]
         assert len(context) - 1 >= min(t, window - stride + 1)  # the context it promises
         expected.append(direct_nlls(lm.model, context)[-1])
     torch.testing.assert_close(nlls, torch.stack(expected), rtol=1e-5, atol=1e-5)

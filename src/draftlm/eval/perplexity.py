@@ -1,11 +1,12 @@
 """Perplexity and bits-per-byte of text files, with a sliding window over long texts.
 
-A text longer than the window is scored in windows of `max_seq_len` tokens that start
-`stride` tokens apart; each window scores only the tokens no earlier window scored, so
-every token is predicted once, with at least `max_seq_len - stride` tokens of context
+A text longer than the window is scored in windows of `max_seq_len` tokens that move
+`stride` tokens at a time; each window scores only the tokens no earlier window scored, so
+every token is predicted once, with at least `max_seq_len - stride + 1` tokens of context
 (HF's "perplexity of fixed-length models" recipe). Unlike that recipe, a window's input
 ends one token before its last target, so stride == max_seq_len loses no token at the
-window seams.
+window seams, and the last window also reaches back a full `max_seq_len`: with
+stride == max_seq_len this is exactly lm-evaluation-harness's rolling log-likelihood.
 
 Perplexity is per token, so it depends on the tokenizer; bits-per-byte (total NLL in bits
 over the text's UTF-8 bytes) does not, and compares models with different vocabularies.
@@ -74,14 +75,16 @@ def token_nlls(model: Transformer, ids: Sequence[int], max_seq_len: int, stride:
     seq = torch.tensor(ids, dtype=torch.long, device=device)
     last = len(ids) - 1  # targets are seq[1..last]
     out: list[torch.Tensor] = []
-    scored, begin = 0, 0  # targets seq[1..scored] are done
+    scored = 0  # targets seq[1..scored] are done
     while scored < last:
-        end = min(begin + max_seq_len, last)  # input seq[begin:end], targets seq[begin+1:end+1]
+        # The first window scores all it sees; later ones the next `stride` targets, each
+        # window ending at its last target and reaching back a full `max_seq_len`.
+        end = min(max_seq_len if scored == 0 else scored + stride, last)
+        begin = max(0, end - max_seq_len)  # input seq[begin:end], targets seq[begin+1:end+1]
         logits = model(seq[None, begin:end])[0].float()
         nll = F.cross_entropy(logits, seq[begin + 1 : end + 1], reduction="none")
-        out.append(nll[scored - end :] if scored > begin else nll)
+        out.append(nll[scored - end :])
         scored = end
-        begin += stride
     if not out:
         return torch.zeros(0)
     return torch.cat(out).cpu()
