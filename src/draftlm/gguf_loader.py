@@ -80,10 +80,15 @@ def open_gguf(path: str | Path) -> Any:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader validates nothing up front; any failure = bad file
-        if "cannot reshape" in str(err) or isinstance(err, IndexError):
+        # Reading past the end shows up as an empty slice ([0] -> IndexError) or a short one
+        # (numpy refuses to view/reshape it); anything else is a malformed header.
+        short = isinstance(err, IndexError) or any(
+            text in str(err) for text in ("cannot reshape", "larger dtype")
+        )
+        if short:
             raise DraftlmError(
-                f"{path} is truncated ({size} bytes): its tensors run past the end of the "
-                "file; download or assemble it again"
+                f"{path} is truncated ({size} bytes): the file ends before its header and "
+                "tensors do; download or assemble it again"
             ) from err
         raise DraftlmError(f"{path} has a corrupt GGUF header ({err}); get the file again") from err
     for tensor in reader.tensors:
