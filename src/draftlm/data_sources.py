@@ -1,0 +1,175 @@
+"""Reading documents out of the sources `draftlm prepare` accepts, in a fixed order.
+
+A source is a path or a glob: a text file (one document per file), a folder (every file
+below it, one document each, or the records of the JSONL / Parquet files in it), a
+`.jsonl` / `.jsonl.gz` / `.jsonl.zst` file (one document per record, from a named field)
+or a `.parquet` file (StarCoder's layout: a `content` column). Files are visited in
+sorted order so that two runs see the same documents in the same order, which is what
+makes prepared shards byte-identical.
+
+Bad input is data, not an error: undecodable bytes, empty documents, lines too long to be
+text (minified code, embedded data) and malformed records are counted by reason and
+skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from draftlm.errors import DraftlmError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+# A JSONL record longer than this is skipped unread: it would not fit the line limit anyway.
+MAX_RECORD_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source, with the index of the source (given order) it came from."""
+
+    source_index: int
+    path: Path
+
+    @property
+    def kind(self) -> str:
+        name = self.path.name.lower()
+        if name.endswith(JSONL_SUFFIXES):
+            return "jsonl"
+        if name.endswith(PARQUET_SUFFIXES):
+            return "parquet"
+        return "text"
+
+
+def expand_source(source: str, source_index: int) -> list[SourceFile]:
+    """The files of one source, sorted; a source that matches nothing is an error."""
+    if any(ch in source for ch in "*?["):
+        paths = [Path(p) for p in glob.glob(source, recursive=True)]
+    else:
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise DraftlmError(f"data source {source} does not exist")
+        paths = [root] if root.is_file() else [p for p in root.rglob("*")]
+    files = sorted(p for p in paths if p.is_file() and not _hidden(p))
+    if not files:
+        raise DraftlmError(f"data source {source} holds no files")
+    return [SourceFile(source_index, p) for p in files]
+
+
+def _hidden(path: Path) -> bool:
+    return any(part.startswith(".") and part not in (".", "..") for part in path.parts)
+
+
+def iter_documents(
+    file: SourceFile, field: str, max_line_chars: int, skipped: Counter[str]
+) -> Iterator[str]:
+    """The usable documents of `file`; everything else is counted in `skipped` by reason."""
+    if file.kind == "jsonl":
+        texts = _jsonl_texts(file.path, field, skipped)
+    elif file.kind == "parquet":
+        texts = _parquet_texts(file.path, field, skipped)
+    else:
+        texts = _text_file(file.path, skipped)
+    for text in texts:
+        if not text.strip():
+            skipped["empty"] += 1
+        elif max_line_chars and _longest_line(text) > max_line_chars:
+            skipped["huge_line"] += 1
+        else:
+            yield text
+
+
+def _longest_line(text: str) -> int:
+    return max(len(line) for line in text.split("\n"))
+
+
+def _text_file(path: Path, skipped: Counter[str]) -> Iterator[str]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["undecodable"] += 1
+        return
+    yield text
+
+
+def _open_compressed(path: Path) -> IO[bytes]:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as err:
+            raise DraftlmError(
+                f"{path} is zstd-compressed: pip install 'draftlm[data]' (zstandard)"
+            ) from err
+        raw = path.open("rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return path.open("rb")
+
+
+def _jsonl_texts(path: Path, field: str, skipped: Counter[str]) -> Iterator[str]:
+    with _open_compressed(path) as stream:
+        while True:
+            try:
+                line = stream.readline(MAX_RECORD_BYTES + 1)
+            except (OSError, EOFError) as err:  # truncated gzip/zstd stream
+                raise DraftlmError(f"{path} is damaged ({err}); re-download it") from err
+            if not line:
+                return
+            if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+                skipped["huge_line"] += 1
+                while line and not line.endswith(b"\n"):  # drop the rest of the record
+                    line = stream.readline(MAX_RECORD_BYTES)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped["undecodable"] += 1
+                continue
+            except json.JSONDecodeError:
+                skipped["bad_record"] += 1
+                continue
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                skipped["missing_field"] += 1
+                continue
+            yield text
+
+
+def _parquet_texts(path: Path, field: str, skipped: Counter[str]) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DraftlmError(f"{path} is Parquet: pip install 'draftlm[data]' (pyarrow)") from err
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and OSError subclasses
+        raise DraftlmError(f"cannot read {path} as Parquet: {err}") from err
+    if field not in parquet.schema_arrow.names:
+        raise DraftlmError(
+            f"{path} has no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)});"
+            " pass --field"
+        )
+    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped["undecodable"] += 1
+                    continue
+            if not isinstance(value, str):
+                skipped["missing_field"] += 1
+                continue
+            yield value
