@@ -45,7 +45,8 @@ def tiny_config(arch: str, spm: bool = False) -> ModelConfig:
     if arch == "qwen2":  # Qwen2's shape: biases on q/k/v, tied head, eps 1e-6
         return base.with_(qkv_bias=True, tie_embeddings=True, norm_eps=1e-6, rope_theta=1e6,
                           bos_id=EOT, eos_ids=(IM_END, EOT))
-    return base.with_(bos_id=IM_START, eos_ids=(IM_END,))
+    # <|endoftext|> ends generation too (llama.cpp's rule), though the file names only EOS.
+    return base.with_(bos_id=IM_START, eos_ids=(IM_END, EOT))
 
 
 def tiny_model(config: ModelConfig, seed: int = 0) -> Transformer:
@@ -113,7 +114,7 @@ def write_gguf(path: Path, model: Transformer, arch: str = "llama", qtype: Q = Q
         w.add_chat_template(CHAT)
     w.add_bos_token_id(cfg.bos_id)
     w.add_eos_token_id(cfg.eos_ids[0])
-    if len(cfg.eos_ids) > 1:
+    if arch == "qwen2":  # the llama file names EOS only: its other stop token comes by text
         w.add_eot_token_id(cfg.eos_ids[1])
     if extra is not None:
         extra(w)
@@ -240,7 +241,8 @@ def test_byte_level_tokenizer(tmp_path) -> None:
     assert pieces == ["t", "he", "Ġt", "h", "in", "<|im_start|>", "in", "<think>", "Ã", "©"]
     assert tok.decode(ids) == text
     assert tok.decode(ids, skip_special_tokens=True) == "the thinin<think>é"
-    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.pad_id) == (IM_START, (IM_END,), False, None)
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.pad_id) == (IM_START, (IM_END, EOT), False,
+                                                                  None)
     assert tok.chat_template == CHAT
     assert tok.vocab_size == len(BPE_TOKENS)
 
@@ -426,6 +428,9 @@ def test_real_config_matches_preset(real_pair) -> None:
     fields = ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "intermediate_size",
               "rope_theta", "norm_eps", "qkv_bias", "head_dim")
     assert {f: getattr(ckpt.config, f) for f in fields} == {f: getattr(preset, f) for f in fields}
+    # The preset's stop tokens, and llama.cpp's: SmolLM2 also stops at <|endoftext|> (id 0).
+    assert ckpt.config.eos_ids[0] == preset.eos_ids[0]
+    assert set(preset.eos_ids) <= set(ckpt.config.eos_ids) == set(ckpt.tokenizer.eos_ids)
 
 
 @pytest.mark.real

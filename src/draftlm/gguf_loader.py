@@ -26,7 +26,7 @@ from torch import Tensor
 
 from draftlm.config import ModelConfig, RopeScaling
 from draftlm.errors import DraftlmError
-from draftlm.gguf_tokenizer import tokenizer_from_gguf
+from draftlm.gguf_tokenizer import end_of_generation_ids, tokenizer_from_gguf
 from draftlm.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -160,10 +160,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     if "token_embd.weight" not in tensor_shapes:
         raise DraftlmError("GGUF file has no token_embd.weight tensor")
     vocab_size = tensor_shapes["token_embd.weight"][0]
-    token_ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id")
-                 for key in ("bos", "eos", "eot", "eom")}
-    eos_ids = tuple(dict.fromkeys(int(token_ids[k]) for k in ("eos", "eot", "eom")
-                                  if token_ids[k] is not None))
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
     return ModelConfig(
         name=name,
         vocab_size=vocab_size,
@@ -179,8 +176,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
                                          1e-6 if arch == "qwen2" else 1e-5)),
         tie_embeddings="output.weight" not in tensor_shapes,
         qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_shapes,
-        bos_id=None if token_ids["bos"] is None else int(token_ids["bos"]),
-        eos_ids=eos_ids,
+        bos_id=None if bos_id is None else int(bos_id),
+        eos_ids=end_of_generation_ids(meta),
         head_dim_override=head_dim if head_dim != dim // n_heads else None,
     )
 

@@ -87,6 +87,27 @@ def _bytes_to_unicode() -> dict[int, str]:
     return out
 
 
+# Token texts llama.cpp treats as end of generation whatever the metadata says
+# (llama-vocab.cpp): Qwen files name only <|im_end|> as EOS, yet a base-style completion
+# ends with <|endoftext|>.
+_END_OF_GENERATION_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "<|end_of_text|>",
+})
+
+
+def end_of_generation_ids(meta: Mapping[str, Any]) -> tuple[int, ...]:
+    """EOS, EOT and EOM ids from the metadata first (EOS leads: chat templates render it),
+    then every control token llama.cpp stops at by its text."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
+    named = _special_ids(meta, len(tokens))
+    ids = [named[key] for key in ("eos", "eot", "eom") if named[key] is not None]
+    ids += [i for i, (tok, ty) in enumerate(zip(tokens, types, strict=False))
+            if ty == _CONTROL and tok in _END_OF_GENERATION_TEXTS]
+    return tuple(dict.fromkeys(ids))
+
+
 def _special_ids(meta: Mapping[str, Any], size: int) -> dict[str, int | None]:
     def get(key: str) -> int | None:
         value = meta.get(f"tokenizer.ggml.{key}")
@@ -214,12 +235,10 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
             f"unsupported GGUF tokenizer model {model!r}; draftlm reads gpt2 (byte-level BPE) "
             "and llama (SentencePiece BPE)"
         )
-    eos_ids = tuple(dict.fromkeys(i for i in (ids["eos"], ids["eot"], ids["eom"])
-                                  if i is not None))
     return Tokenizer(
         backend,
         bos_id=ids["bos"],
-        eos_ids=eos_ids,
+        eos_ids=end_of_generation_ids(meta),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         chat_template=meta.get("tokenizer.chat_template"),
         pad_id=ids["padding"],
