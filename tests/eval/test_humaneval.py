@@ -166,3 +166,22 @@ def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
                           out=str(tmp_path / "r2"), timeout_s=3.0, dtype="float32",
                           compare=str(tmp_path / "r" / "samples.jsonl"))
     assert again["vs_previous"] == {"compared": 2, "identical": 2, "different": []}
+
+
+@needs_sandbox
+def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
+    pytest.importorskip("draftlm.speculative", reason="speculative decoding not built yet")
+    from conftest import make_tiny_lm
+
+    from draftlm.hf_checkpoint import save_hf_folder
+
+    for name, seed in (("target", 0), ("draft", 1)):
+        lm = make_tiny_lm(seed=seed, max_seq_len=1024)
+        save_hf_folder(tmp_path / name, lm.config, lm.model, lm.tokenizer)
+    report = cmd_humaneval(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
+                           check_draft=True, limit=3, max_new_tokens=16,
+                           out=str(tmp_path / "r"), timeout_s=3.0, dtype="float32")
+    assert report["draft_vs_target"] == {"compared": 3, "identical": 3, "different": []}
+    plain = read_samples(tmp_path / "r" / "samples.jsonl")
+    drafted = read_samples(tmp_path / "r" / "samples-draft.jsonl")
+    assert [s.completion for s in plain] == [s.completion for s in drafted]

@@ -14,15 +14,19 @@ the limits. Each program gets:
   is not enforced for root, so this is what makes the process limit stop a fork bomb.
   Without root, an unprivileged user namespace maps the caller's uid (where RLIMIT_NPROC
   applies) and a tmpfs hides $HOME;
-- a fresh temporary working directory owned by that uid, and private tmpfs mounts over
-  /tmp, /var/tmp and /dev/shm, so the only place it can write is its own;
+- every file system remounted read-only inside its mount namespace (the user's files
+  stay untouchable whatever their permissions), private tmpfs mounts over /tmp, /var/tmp
+  and /dev/shm (hiding what lies there), and a fresh working directory in that tmpfs,
+  owned by the program's uid: the only place it can write;
 - rlimits: address space (memory), CPU seconds, file size, open files, processes, no
   core dumps; stdin closed; stdout/stderr captured up to `max_output_bytes`;
 - a wall-clock timeout after which the whole process group is killed (and the namespace
   with it, through the parent-death signal of the namespace's first process).
 
-`probe()` reports which of these this machine grants; `run_program` refuses to run when
-it cannot at least isolate the network and the processes.
+The interpreter's install prefix is bind-mounted read-only into the tmpfs, so programs
+run with this same Python (and only its standard library: `-I -S`) even when it lives in
+a directory the sandbox uid cannot enter. `probe()` checks once that this machine grants
+all of the above; `run_program` refuses to run model code when it does not.
 """
 
 from __future__ import annotations
