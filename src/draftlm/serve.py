@@ -2,11 +2,26 @@
 
     draftlm serve --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --port 8000
 
-then point any OpenAI client at http://127.0.0.1:8000/v1. This module is only the
-command; the app is `serve_app.build_app` (usable on an already-loaded model), the wire
-format is `serve_api`, the generation thread and metrics are `serve_worker`. FastAPI is
-imported only when the command runs, so the rest of the CLI works without the `serve`
-extra installed.
+then point any OpenAI client at http://127.0.0.1:8000/v1 (`--api-key KEY`, or
+$DRAFTLM_API_KEY, makes it require `Authorization: Bearer KEY` everywhere but /health).
+
+- `POST /v1/completions`, `POST /v1/chat/completions` (the model's own chat template):
+  `max_tokens` (completions default 16 as OpenAI's; chat default and upper bound
+  `--max-tokens-limit`), `temperature` (default 1.0 as OpenAI's; 0 is greedy), `top_p`,
+  `top_k`, `seed`, `stop` (string or list), `stream` (SSE chunks, then `data: [DONE]`),
+  `stream_options.include_usage`; `n` must be 1. Penalties, logprobs, tools, echo are
+  refused (400) rather than ignored.
+- `GET /v1/models`, `GET /health` (503 once the generation thread has stopped).
+- `GET /metrics`: JSON (`?format=prometheus` for Prometheus text): requests accepted,
+  completed, cancelled, failed, rejected (4xx) and refused for a full queue; prompt and
+  completion tokens; `tokens_per_second` (completion tokens over the time spent
+  generating); queue depth; with a drafter, drafted/accepted tokens and `acceptance_rate`.
+
+Requests run one at a time on one generation thread, in arrival order; at most
+`--max-queue` wait (more get 429). This module is only the command: the app is
+`serve_app.build_app` (usable on an already-loaded model), the wire format `serve_api`,
+the generation thread and metrics `serve_worker`. FastAPI is imported only when the
+command runs, so the rest of the CLI works without the `serve` extra.
 """
 
 from __future__ import annotations
