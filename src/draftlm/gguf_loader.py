@@ -15,11 +15,13 @@ float32 copy and its bfloat16 copy at once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 from torch import Tensor
@@ -64,11 +66,9 @@ class GGUFCheckpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def open_gguf(path: str | Path) -> Any:
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A `gguf.GGUFReader` over `path`; every way a file can be unreadable is a one-line
     DraftlmError (the reader itself raises ValueError/IndexError/KeyError/...)."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise DraftlmError(f"no GGUF file at {path}")
@@ -97,13 +97,11 @@ def open_gguf(path: str | Path) -> Any:
     return reader
 
 
-def read_metadata(reader: Any, arrays: bool = True) -> dict[str, Any]:
+def read_metadata(reader: gguf.GGUFReader, arrays: bool = True) -> dict[str, Any]:
     """Key -> plain Python value (str, int, float, bool, list) of every metadata field.
 
     With `arrays=False` the big arrays (tokens, merges ...) are left out: what is worth
     printing."""
-    import gguf
-
     out: dict[str, Any] = {}
     for key, fld in reader.fields.items():
         if key.startswith("GGUF."):
@@ -213,9 +211,7 @@ def permute_qk(weight: Tensor, n_heads: int) -> Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
-def _dequantize(tensor: Any) -> np.ndarray:
-    import gguf
-
+def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     try:
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as err:
@@ -229,10 +225,21 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def iter_gguf_tensors(reader: Any, config: ModelConfig, arch: str,
-                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
+def _track(items: list[Any], description: str, enabled: bool) -> Iterable[Any]:
+    """`items`, with a progress bar on stderr when asked for and a terminal is watching."""
+    if not (enabled and sys.stderr.isatty()):
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=description, console=Console(stderr=True), transient=True)
+
+
+def iter_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig, arch: str,
+                      dtype: torch.dtype = torch.float32, progress: bool = False
+                      ) -> Iterator[tuple[str, Tensor]]:
     """(draftlm name, tensor) for each weight, dequantized and cast one at a time."""
-    for tensor in reader.tensors:
+    for tensor in _track(reader.tensors, "dequantize", progress):
         name = draftlm_name(tensor.name)
         if name is None:
             raise DraftlmError(
@@ -263,9 +270,10 @@ def _check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> No
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
-              name: str | None = None) -> GGUFCheckpoint:
+              name: str | None = None, progress: bool = True) -> GGUFCheckpoint:
     """Config, weights (dequantized, cast to `dtype`), tokenizer and printable metadata of a
-    GGUF file. `name` names the config (default: the file name without .gguf)."""
+    GGUF file. `name` names the config (default: the file name without .gguf); `progress`
+    shows a bar on a terminal (a 1.5B Q4_K_M file takes over a minute)."""
     path = Path(path)
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -277,7 +285,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     if tokenizer.vocab_size > config.vocab_size:
         raise DraftlmError(f"GGUF tokenizer has {tokenizer.vocab_size} tokens, the embedding "
                            f"only {config.vocab_size} rows")
-    tensors = dict(iter_gguf_tensors(reader, config, meta["general.architecture"], dtype))
+    arch = meta["general.architecture"]
+    tensors = dict(iter_gguf_tensors(reader, config, arch, dtype, progress))
     printable = {k: v for k, v in meta.items()
                  if not isinstance(v, list) and k != "tokenizer.chat_template"}
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tokenizer,

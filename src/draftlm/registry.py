@@ -18,8 +18,8 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,13 +160,11 @@ def is_installed(name: str) -> bool:
 
 
 # ---- checksums ------------------------------------------------------------------------
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK_BYTES):
             digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
     return digest.hexdigest()
 
 
@@ -221,7 +219,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _assemble(parts: list[Path], target: Path) -> str:
+def _assemble(parts: list[Path], target: Path, progress: bool) -> str:
     """Concatenate `parts` into `target` atomically; returns the SHA-256 of what was written.
 
     Hashing while copying saves a second pass over the file. Another process never sees a
@@ -231,6 +229,15 @@ def _assemble(parts: list[Path], target: Path) -> str:
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
+    bar = None
+    if progress and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import DownloadColumn, Progress
+
+        bar = Progress(*Progress.get_default_columns(), DownloadColumn(),
+                       console=Console(stderr=True), transient=True)
+        task = bar.add_task(f"assemble {target.name}", total=sum(p.stat().st_size for p in parts))
+        bar.start()
     try:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         with os.fdopen(fd, "wb") as out:
@@ -239,6 +246,8 @@ def _assemble(parts: list[Path], target: Path) -> str:
                     while chunk := src.read(_CHUNK_BYTES):
                         digest.update(chunk)
                         out.write(chunk)
+                        if bar is not None:
+                            bar.advance(task, len(chunk))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
@@ -246,11 +255,15 @@ def _assemble(parts: list[Path], target: Path) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if bar is not None:
+            bar.stop()
     return digest.hexdigest()
 
 
-def gguf_path(name: str) -> Path:
-    """The verified GGUF file of real model `name`, assembling it into the cache on first use.
+def gguf_path(name: str, progress: bool = True) -> Path:
+    """The verified GGUF file of real model `name`, assembling it into the cache on first use
+    (with a progress bar when `progress` and stderr is a terminal).
 
     Raises DraftlmError naming the pip command when a package is missing, and naming expected
     and actual SHA-256 when the bytes are not the published file."""
@@ -279,7 +292,7 @@ def gguf_path(name: str) -> Path:
             f"assembling {name} needs {model.size_bytes / 1e6:.0f} MB in {target.parent}, "
             f"{free / 1e6:.0f} MB are free; free space or set DRAFTLM_HOME elsewhere"
         )
-    got = _assemble(parts, target)
+    got = _assemble(parts, target, progress)
     if got != model.sha256:
         target.unlink(missing_ok=True)
         raise DraftlmError(
