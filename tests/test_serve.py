@@ -484,14 +484,31 @@ def test_speculative_server_equals_generate_and_reports_acceptance(lm) -> None:
     speculative = pytest.importorskip("draftlm.speculative",
                                       reason="draftlm.speculative is not there yet")
     drafter = speculative.build_drafter(lm, ngram=2, num_draft_tokens=4)
+    prompts = ["abcabcabcabc abcabc", "the cat the cat the cat", "xyz"]
     with LiveServer(build_app(lm, drafter)) as server:
-        prompt = "abcabcabcabc abcabc"
-        out = server.client().completions.create(model=lm.name, prompt=prompt, max_tokens=20,
-                                                 temperature=0)
-        assert out.choices[0].text == generate(lm, prompt, max_new_tokens=20).text
+        client = server.client()
+        for prompt in prompts:
+            out = client.completions.create(model=lm.name, prompt=prompt, max_tokens=20,
+                                            temperature=0)
+            assert out.choices[0].text == generate(lm, prompt, max_new_tokens=20).text
+            chunks = client.chat.completions.create(
+                model=lm.name, messages=[{"role": "user", "content": prompt}], max_tokens=20,
+                temperature=0, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            assert text == generate(lm, prompt, max_new_tokens=20, chat=True).text
         metrics = httpx.get(f"{server.url}/metrics").json()
+    # The same prompts through generate() with the drafter give the server's counts.
+    drafted = accepted = 0
+    for prompt, chat in [(p, c) for p in prompts for c in (False, True)]:
+        stats = generate(lm, prompt, max_new_tokens=20, chat=chat,
+                         drafter=speculative.build_drafter(lm, ngram=2, num_draft_tokens=4)
+                         ).stats
+        drafted, accepted = drafted + stats["num_drafted"], accepted + stats["num_accepted"]
     assert metrics["speculative"] is True
-    assert metrics["acceptance_rate"] is None or 0 <= metrics["acceptance_rate"] <= 1
+    assert (metrics["draft_tokens_total"], metrics["accepted_draft_tokens_total"]) == (
+        drafted, accepted)
+    assert drafted > 0
+    assert metrics["acceptance_rate"] == round(accepted / drafted, 4)
 
 
 def test_cli_flags_are_the_serve_arguments() -> None:

@@ -46,6 +46,9 @@ def serve(
     dtype: str = "auto",
     device: str = "cpu",
     num_draft_tokens: int = 5,
+    adaptive: bool = True,
+    draft_dtype: str | None = None,
+    cross_tokenizer: bool = False,
     max_queue: int = 64,
     max_tokens_limit: int = 1024,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -75,8 +78,11 @@ def serve(
     if draft is not None or ngram is not None:
         from draftlm.speculative import build_drafter
 
-        drafter = build_drafter(lm, draft=draft, ngram=ngram,
-                                num_draft_tokens=num_draft_tokens, dtype=dtype, device=device)
+        drafter = build_drafter(
+            lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
+            adaptive=adaptive, dtype=draft_dtype or dtype, device=device,
+            cross_tokenizer=cross_tokenizer,
+        )
     app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
                     max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
@@ -102,6 +108,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--draft", help="draft model for speculative decoding")
     group.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
     p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
+    p.add_argument("--fixed", dest="adaptive", action="store_false",
+                   help="keep the draft length fixed (default: adaptive)")
+    p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="the draft has another tokenizer: draft through re-tokenized text")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "

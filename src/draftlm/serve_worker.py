@@ -126,7 +126,7 @@ class Metrics:
 
 def speculative_counts(stats: dict[str, Any]) -> tuple[int, int]:
     """(drafted, accepted) tokens of one speculative run; (0, 0) for plain decoding."""
-    return int(stats.get("draft_tokens", 0)), int(stats.get("accepted_tokens", 0))
+    return int(stats.get("num_drafted", 0)), int(stats.get("num_accepted", 0))
 
 
 class GenerationWorker:
