@@ -124,6 +124,31 @@ def test_driver_scores_right_wrong_and_hostile_answers(tmp_path: Path) -> None:
     assert read_samples(tmp_path / "samples.jsonl")[2].status == "timeout"
 
 
+@needs_sandbox
+def test_resume_after_an_interruption(tmp_path: Path) -> None:
+    problems = load_problems(limit=4)
+    answers = {p.task_id: p.canonical_solution for p in problems}
+    lm = SimpleNamespace(prompts={p.task_id: p.prompt for p in problems})
+    generate = scripted_generate(answers)
+
+    def interrupted(*args, **kwargs):
+        if len(generate.calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(lm, problems, tmp_path, name="samples", limits=LIMITS, generate_fn=interrupted)
+    kept = read_samples(tmp_path / "samples.jsonl")
+    assert [s.task_id for s in kept] == ["HumanEval/0", "HumanEval/1"]
+    again = scripted_generate(answers)
+    summary, samples = run(lm, problems, tmp_path, name="samples", limits=LIMITS,
+                           generate_fn=again, resume=True)
+    assert [c["task"] for c in again.calls] == ["HumanEval/2", "HumanEval/3"]
+    assert summary["pass@1"] == 1.0
+    assert [s.task_id for s in read_samples(tmp_path / "samples.jsonl")] == [
+        p.task_id for p in problems]
+
+
 def test_compare_finds_changed_answers() -> None:
     def s(task: str, ids: list[int]) -> Sample:
         return Sample(task, 0, "", ids, len(ids), 0.0, "stop")

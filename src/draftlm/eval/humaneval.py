@@ -141,26 +141,39 @@ def generate_samples(
     drafter: Any = None,
     generate_fn: GenerateFn | None = None,
     progress: Callable[[], None] | None = None,
+    done: dict[tuple[str, int], Sample] | None = None,
+    on_problem: Callable[[list[Sample]], None] | None = None,
 ) -> list[Sample]:
-    """Complete every problem `samples` times; greedy decoding (temperature 0) needs one."""
+    """Complete every problem `samples` times; greedy decoding (temperature 0) needs one.
+
+    Samples in `done` (from an interrupted run) are kept, not generated again; `on_problem`
+    receives each problem's new samples as soon as they exist."""
     if samples < 1:
         raise DraftlmError(f"--samples must be >= 1, got {samples}")
     if temperature == 0 and samples > 1:
         raise DraftlmError("greedy decoding gives one answer: use --samples 1 or --temperature > 0")
     if generate_fn is None:
         from draftlm.generate import generate as generate_fn
+    done = done or {}
     out = []
     for i, problem in enumerate(problems):
+        new = []
         for j in range(samples):
+            if (problem.task_id, j) in done:
+                out.append(done[(problem.task_id, j)])
+                continue
             result = generate_fn(
                 lm, problem.prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed + 1000 * i + j, stop=list(STOP_SEQUENCES), drafter=drafter,
             )
-            out.append(Sample(
+            new.append(Sample(
                 problem.task_id, j, truncate(result.text), list(result.token_ids),
                 result.num_new_tokens, result.elapsed_s, result.finish_reason,
                 stats=dict(result.stats),
             ))
+        out.extend(new)
+        if new and on_problem is not None:
+            on_problem(new)
         if progress is not None:
             progress()
     return out
@@ -230,9 +243,23 @@ def run(
     limits: SandboxLimits | None = None,
     workers: int | None = None,
     generate_fn: GenerateFn | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], list[Sample]]:
-    """Generate, execute and score; writes `out/{name}.jsonl`, returns the summary."""
+    """Generate, execute and score; writes `out/{name}.jsonl`, returns the summary.
+
+    Completions are appended to the file as they are made (verdicts come at the end), so
+    `resume` continues an interrupted run where it stopped."""
     from rich.progress import Progress
+
+    path = out / f"{name}.jsonl"
+    done = {}
+    if resume and path.is_file():
+        done = {(s.task_id, s.sample): s for s in read_samples(path)}
+    write_samples(path, list(done.values()))
+
+    def append(new: list[Sample]) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in new)
 
     start = time.perf_counter()
     with Progress(transient=True) as bar:
@@ -240,7 +267,7 @@ def run(
         results = generate_samples(
             lm, problems, samples=samples, temperature=temperature,
             max_new_tokens=max_new_tokens, seed=seed, drafter=drafter, generate_fn=generate_fn,
-            progress=lambda: bar.advance(task),
+            progress=lambda: bar.advance(task), done=done, on_problem=append,
         )
     exec_start = time.perf_counter()
     execute(problems, results, limits, workers)
@@ -255,7 +282,7 @@ def run(
     accepted = [s.stats["acceptance_rate"] for s in results if "acceptance_rate" in s.stats]
     if accepted:
         summary["mean_acceptance_rate"] = round(float(np.mean(accepted)), 4)
-    write_samples(out / f"{name}.jsonl", results)
+    write_samples(path, results)
     return summary, results
 
 
@@ -276,6 +303,7 @@ def cmd_humaneval(
     dtype: str = "auto",
     device: str = "cpu",
     problems_file: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
     from draftlm.load import load
@@ -287,7 +315,7 @@ def cmd_humaneval(
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
     common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                  seed=seed, limits=limits, workers=workers)
+                  seed=seed, limits=limits, workers=workers, resume=resume)
     report: dict[str, Any] = {"model": lm.name, "draft": draft}
     plain: list[Sample] | None = None
     if draft is None or check_draft:
@@ -342,4 +370,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--problems-file", help="HumanEval-format JSONL(.gz) instead of the package's")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the completions already in --out (same settings) and go on")
     p.set_defaults(func=cmd_humaneval)
