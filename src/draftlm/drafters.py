@@ -151,6 +151,7 @@ class ModelDrafter(Drafter):
         self.draft = draft
         self.name = f"draft:{draft.name}"
         self.target_vocab_size = target.config.vocab_size
+        self.draft_vocab_size = draft.config.vocab_size
         # Stop drafting once the draft's top probability falls under this (None: never).
         self.min_confidence = min_confidence
         self._cached: list[int] = []  # tokens whose keys/values sit in the draft's cache
@@ -181,6 +182,10 @@ class ModelDrafter(Drafter):
         k = min(max_tokens, self._capacity - len(context_ids) + 1)
         if k < 1:
             return Draft.empty(self.device)
+        if max(context_ids) >= self.draft_vocab_size:
+            # A target-only token (say, one of CodeLlama's extra 16): the draft sees token 0
+            # instead. Only the proposal suffers; verification stays exact.
+            context_ids = [t if t < self.draft_vocab_size else 0 for t in context_ids]
         if self._uncommitted is not None:  # the engine has synced since: this costs nothing
             self._cached += self._uncommitted.tolist()
             self._uncommitted = None
