@@ -69,8 +69,8 @@ def one_request(
                 chunks = client.completions.create(
                     prompt=prompt, stream=True, stream_options={"include_usage": True}, **common)
             for chunk in chunks:
-                if first is None and chunk.choices:
-                    first = time.perf_counter() - start
+                if first is None and chunk.choices and _text_of(chunk.choices[0]):
+                    first = time.perf_counter() - start  # the first text, not the role chunk
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
             return Outcome(True, time.perf_counter() - start, first, tokens)
@@ -82,6 +82,11 @@ def one_request(
         return Outcome(True, time.perf_counter() - start, None, out.usage.completion_tokens)
     except openai.OpenAIError as err:
         return Outcome(False, time.perf_counter() - start, error=f"{type(err).__name__}: {err}")
+
+
+def _text_of(choice) -> str:
+    delta = getattr(choice, "delta", None)
+    return (delta.content or "") if delta is not None else (choice.text or "")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -140,7 +145,7 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", help="Bearer key, when the server was started with one")
@@ -154,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-file", help="prompts separated by blank lines")
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     report = run(args)
     if args.json:
         print(json.dumps(report))

@@ -8,13 +8,16 @@ gated or slowed `generate` instead of relying on how fast the model happens to b
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -364,8 +367,9 @@ def test_full_queue_is_429_and_waiting_requests_still_finish(lm) -> None:
         wait_until(lambda: worker.in_flight == 1)
         second = pool.submit(post, server, "/v1/completions", body)  # waits in the queue
         wait_until(lambda: worker.queue_depth == 1)
-        error = error_of(post(server, "/v1/completions", body), 429)
-        assert error["code"] == "queue_full"
+        response = post(server, "/v1/completions", body)
+        assert error_of(response, 429)["code"] == "queue_full"
+        assert response.headers["retry-after"] == "1"
         with pytest.raises(openai.RateLimitError):
             server.client().completions.create(model=lm.name, prompt="q", max_tokens=3)
         gate.set()
@@ -477,6 +481,25 @@ def test_load_16_clients_x_10_requests_equal_generate(live, lm) -> None:
     with ThreadPoolExecutor(16) as pool:
         outcomes = [r for rs in pool.map(client_session, range(16)) for r in rs]
     assert len(outcomes) == 160 and all(outcomes)
+
+
+def test_load_script_counts_what_the_server_did(live) -> None:
+    path = Path(__file__).parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    serve_load = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = serve_load  # its dataclass looks itself up there
+    spec.loader.exec_module(serve_load)
+    before = httpx.get(f"{live.url}/metrics", headers=headers()).json()
+    for stream in ([], ["--stream", "--chat"]):
+        report = serve_load.run(serve_load.parse_args([
+            "--base-url", f"{live.url}/v1", "--api-key", API_KEY, "--clients", "3",
+            "--requests-per-client", "2", "--max-tokens", "5", *stream]))
+        assert (report["requests"], report["failures"]) == (6, 0)
+        assert report["completion_tokens"] == 30
+        assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
+    assert report["first_token_p50_s"] <= report["latency_p50_s"]
+    after = report["server"]["requests_completed_total"]
+    assert after == before["requests_completed_total"] + 12
 
 
 # ---- speculative decoding and the CLI ------------------------------------------------------
