@@ -106,6 +106,15 @@ def test_generate_until_equals_draftlm_generate(lm, adapter_class) -> None:
         assert text == generate(lm, prompt, max_new_tokens=12, stop=["\n\n"]).text
 
 
+def test_chat_template_and_unknown_arguments(lm, adapter_class) -> None:
+    adapter = adapter_class(lm=lm)
+    messages = [{"role": "user", "content": "hi"}]
+    assert adapter.apply_chat_template(messages) == lm.tokenizer.apply_chat_template(messages)
+    assert adapter.chat_template(True) == lm.tokenizer.chat_template
+    with pytest.raises(TypeError):
+        adapter_class(lm=lm, modle="typo")
+
+
 def write_task(folder: Path) -> Path:
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))

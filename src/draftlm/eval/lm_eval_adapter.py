@@ -71,7 +71,6 @@ def adapter_class() -> type:
             max_gen_toks: int = 256,
             add_bos_token: bool | None = None,
             draft: str | None = None,
-            **unused: Any,
         ) -> None:
             super().__init__()
             if (model is None) == (lm is None):
@@ -106,7 +105,16 @@ def adapter_class() -> type:
 
         @property
         def tokenizer_name(self) -> str:
-            return self.lm.tokenizer.fingerprint.replace("/", "__")
+            return f"{self.lm.name}-{self.lm.tokenizer.fingerprint[:16]}".replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.lm.tokenizer.chat_template if chat_template else None
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]],
+                                add_generation_prompt: bool = True) -> str:
+            """For `--apply_chat_template`: the model's own template (draftlm's renderer)."""
+            return self.lm.tokenizer.apply_chat_template(
+                chat_history, add_generation_prompt=add_generation_prompt)
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                        **kwargs: Any) -> list[int]:
