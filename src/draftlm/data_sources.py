@@ -18,6 +18,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,13 +53,16 @@ class SourceFile:
 def expand_source(source: str, source_index: int) -> list[SourceFile]:
     """The files of one source, sorted; a source that matches nothing is an error."""
     if any(ch in source for ch in "*?["):
-        paths = [Path(p) for p in glob.glob(source, recursive=True)]
+        # glob skips hidden names unless the pattern spells them out
+        paths = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
     else:
         root = Path(source).expanduser()
         if not root.exists():
             raise DraftlmError(f"data source {source} does not exist")
-        paths = [root] if root.is_file() else [p for p in root.rglob("*")]
-    files = sorted(p for p in paths if p.is_file() and not _hidden(p))
+        paths = [root] if root.is_file() else [
+            p for p in root.rglob("*") if not _hidden(p.relative_to(root))
+        ]
+    files = sorted(p for p in paths if p.is_file())
     if not files:
         raise DraftlmError(f"data source {source} holds no files")
     return [SourceFile(source_index, p) for p in files]
