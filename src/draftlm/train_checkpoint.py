@@ -109,16 +109,24 @@ def save_checkpoint(
             for path in [*tmp.iterdir(), tmp]:
                 _fsync(path)
             if final.exists():
-                shutil.rmtree(final)
+                _discard(final)
             tmp.rename(final)
             _fsync(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+            _discard(old)
     barrier()
     return final if is_main else None
+
+
+def _discard(folder: Path) -> None:
+    """Rename first, then delete: a kill mid-delete leaves a hidden folder, never a
+    half-deleted `step-*` one."""
+    trash = folder.with_name(f".{folder.name}.trash-{uuid.uuid4().hex[:8]}")
+    folder.rename(trash)
+    shutil.rmtree(trash)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
