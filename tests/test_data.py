@@ -174,3 +174,12 @@ def test_missing_source_and_column_are_user_errors(corpus: Path, tmp_path: Path)
     with pytest.raises(DraftlmError, match="no column 'text'"):
         prepare([str(corpus / "d.parquet")], str(tmp_path / "o"), byte_tokenizer(), workers=1,
                 progress=False)
+
+
+def test_exclude_skips_matching_folders_and_files(corpus: Path, tmp_path: Path) -> None:
+    (corpus / "txt" / "skipme").mkdir()
+    (corpus / "txt" / "skipme" / "x.txt").write_text("excluded folder")
+    (corpus / "txt" / "test_x.txt").write_text("excluded file")
+    prepare([str(corpus / "txt")], str(tmp_path / "o"), byte_tokenizer(), workers=1,
+            exclude=["skipme", "test_*"], progress=False)
+    assert sorted(_decoded_docs(tmp_path / "o")) == sorted(_docs(5, "text"))

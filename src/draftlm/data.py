@@ -218,6 +218,7 @@ def prepare(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Tokenize `sources` into shards under `output`; returns the manifest."""
     if not sources:
@@ -232,7 +233,7 @@ def prepare(
     if bos and tok.bos_id is None:
         raise DraftlmError("--bos given but the tokenizer has no BOS token")
     dtype = token_dtype(tok.vocab_size)
-    files = [f for i, s in enumerate(sources) for f in expand_source(s, i)]
+    files = [f for i, s in enumerate(sources) for f in expand_source(s, i, exclude)]
     settings = {
         "format_version": FORMAT_VERSION, "sources": list(sources),
         "files": [[str(f.path), f.path.stat().st_size] for f in files],
@@ -422,6 +423,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="skip documents with a longer line (0: no limit)")
     p.add_argument("--no-dedup", dest="dedup", action="store_false")
     p.add_argument("--bos", action="store_true", help="also start every document with BOS")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files or folders whose name matches (repeatable)")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prepare)

@@ -14,13 +14,14 @@ skipped.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -50,22 +51,33 @@ class SourceFile:
         return "text"
 
 
-def expand_source(source: str, source_index: int) -> list[SourceFile]:
-    """The files of one source, sorted; a source that matches nothing is an error."""
+def expand_source(
+    source: str, source_index: int, exclude: Sequence[str] = ()
+) -> list[SourceFile]:
+    """The files of one source, sorted; a source that matches nothing is an error.
+    `exclude` holds glob patterns matched against every folder and file name
+    (`site-packages`, `test_*`)."""
     if any(ch in source for ch in "*?["):
         # glob skips hidden names unless the pattern spells them out
-        paths = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
+        pattern = os.path.expanduser(source)
+        root = Path(pattern.split("*")[0].split("?")[0].split("[")[0]).parent
+        paths = [Path(p) for p in glob.glob(pattern, recursive=True)]
     else:
         root = Path(source).expanduser()
         if not root.exists():
             raise DraftlmError(f"data source {source} does not exist")
-        paths = [root] if root.is_file() else [
-            p for p in root.rglob("*") if not _hidden(p.relative_to(root))
-        ]
-    files = sorted(p for p in paths if p.is_file())
+        if root.is_file():
+            return [SourceFile(source_index, root)]
+        paths = [p for p in root.rglob("*") if not _hidden(p.relative_to(root))]
+    # exclusions apply below the source's own folder, not to the folders above it
+    files = sorted(p for p in paths if p.is_file() and not _excluded(p.relative_to(root), exclude))
     if not files:
         raise DraftlmError(f"data source {source} holds no files")
     return [SourceFile(source_index, p) for p in files]
+
+
+def _excluded(path: Path, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(part, pattern) for part in path.parts for pattern in patterns)
 
 
 def _hidden(path: Path) -> bool:

@@ -35,12 +35,13 @@ def train_tokenizer(
     min_frequency: int = 2,
     max_line_chars: int = 10_000,
     max_documents: int | None = None,
+    exclude: Sequence[str] = (),
 ) -> Tokenizer:
     """Learn a byte-level BPE of `vocab_size` ids (256 bytes + merges + EOS) from `sources`;
     saves it to `output` when given."""
     if vocab_size < 257:
         raise DraftlmError(f"--vocab-size must be at least 257 (256 bytes + EOS), got {vocab_size}")
-    files = [f for i, s in enumerate(sources) for f in expand_source(s, i)]
+    files = [f for i, s in enumerate(sources) for f in expand_source(s, i, exclude)]
     skipped: Counter[str] = Counter()
 
     def documents() -> Iterator[str]:
@@ -85,4 +86,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--max-line-chars", type=int, default=10_000)
     p.add_argument("--max-documents", type=int, help="train on the first N documents only")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files or folders whose name matches (repeatable)")
     p.set_defaults(func=cmd_tokenizer_train)
