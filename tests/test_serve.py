@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -545,3 +547,45 @@ def test_cli_flags_are_the_serve_arguments() -> None:
     assert (bound.arguments["ngram"], bound.arguments["max_queue"]) == (3, 4)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--draft", "d", "--ngram", "2"])
+
+
+@pytest.mark.slow
+def test_the_serve_command_end_to_end(tmp_path) -> None:
+    """`draftlm serve` as a user starts it: loads a folder, serves, stops on Ctrl-C."""
+    from draftlm.hf_checkpoint import save_hf_folder
+
+    lm = make_tiny_lm(seed=3)
+    folder = tmp_path / "tiny-model"
+    save_hf_folder(folder, lm.config, lm.model, lm.tokenizer)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    speculative = importlib.util.find_spec("draftlm.speculative") is not None
+    command = [sys.executable, "-m", "draftlm.cli", "serve", "--model", str(folder),
+               "--port", str(port), "--api-key", API_KEY, "--dtype", "float32",
+               *(["--ngram", "2"] if speculative else [])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, timeout_s=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="hello", max_tokens=8,
+                                        temperature=0)
+        assert out.choices[0].text == generate(lm, "hello", max_new_tokens=8).text
+        metrics = httpx.get(f"{url}/metrics", headers=headers()).json()
+        assert metrics["speculative"] is speculative
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert "Application shutdown complete" in stderr
