@@ -59,7 +59,7 @@ def test_loss_falls_and_run_exports_a_loadable_model(dataset: Path, tmp_path: Pa
     assert curve[40] < curve[1] - 2.0  # from ~ln(256) = 5.5 toward the repeated sentences
     vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
             if "val_loss" in r]
-    assert len(vals) == 2 and vals[1] < vals[0]
+    assert len(vals) == 3 and vals[2] < vals[1] < vals[0]  # steps 0, 20, 40
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     from draftlm.load import load
 
@@ -85,7 +85,7 @@ def test_stop_and_resume_gives_the_uninterrupted_losses(dataset: Path, tmp_path:
     b = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     val_a = {r["step"]: r["val_loss"] for r in a if "val_loss" in r}
     val_b = {r["step"]: r["val_loss"] for r in b if "val_loss" in r}
-    assert sorted(val_a) == [6, 12] and sorted(val_b) == [5, 6, 12]  # + the stop at 5
+    assert sorted(val_a) == [0, 6, 12] and sorted(val_b) == [0, 5, 6, 12]  # + the stop at 5
     assert all(val_a[s] == val_b[s] for s in val_a)
 
 
@@ -152,3 +152,18 @@ def test_finetune_from_a_training_checkpoint(dataset: Path, tmp_path: Path) -> N
     train(cfg, progress=False)
     base, tuned = losses(tmp_path / "base"), losses(tmp_path / "ft")
     assert tuned[1] < base[1] - 0.05  # it starts where the base run left off, not at random
+
+
+def test_export_loads_in_hf_transformers_with_the_same_logits(
+    dataset: Path, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers", reason="HF transformers (peer) missing")
+    summary = train(tiny_config(dataset, tmp_path / "run", max_steps=2, export=True),
+                    progress=False)
+    from draftlm.load import load
+
+    ours = load(summary["export"], dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(summary["export"]).eval()
+    ids = torch.tensor([byte_tokenizer().encode("the dog ran")])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours.model(ids), atol=1e-5)

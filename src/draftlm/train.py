@@ -248,6 +248,10 @@ def _train(
                     "grad_accum": accum, "peak_flops_per_device": peak,
                     "flops_per_token": model_flops,
                     "autocast": str(autocast) if autocast else "fp32"})
+    if cfg.eval_interval and step == 0:  # the starting point: "before" for a fine-tune
+        val = evaluate(wrapped, val_data, cfg, info, autocast)
+        if val is not None and logger is not None:
+            logger.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
     bar = _progress_bar(progress and info.is_main, cfg.max_steps, step)
     summary: dict[str, Any] = {}
     window_start, window_tokens = time.perf_counter(), 0
