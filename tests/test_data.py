@@ -183,3 +183,10 @@ def test_exclude_skips_matching_folders_and_files(corpus: Path, tmp_path: Path) 
     prepare([str(corpus / "txt")], str(tmp_path / "o"), byte_tokenizer(), workers=1,
             exclude=["skipme", "test_*"], progress=False)
     assert sorted(_decoded_docs(tmp_path / "o")) == sorted(_docs(5, "text"))
+
+
+def test_val_fraction_one_makes_a_validation_only_set(corpus: Path, tmp_path: Path) -> None:
+    manifest = prepare([str(corpus / "a.jsonl")], str(tmp_path / "v"), byte_tokenizer(),
+                       val_fraction=1.0, workers=1, progress=False)
+    assert manifest["splits"]["train"]["num_tokens"] == 0
+    assert sorted(_decoded_docs(tmp_path / "v")) == sorted(_docs(6, "jsonl"))

@@ -167,3 +167,15 @@ def test_export_loads_in_hf_transformers_with_the_same_logits(
     ids = torch.tensor([byte_tokenizer().encode("the dog ran")])
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours.model(ids), atol=1e-5)
+
+
+def test_val_data_folders_are_evaluated(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "held.txt").write_text("the cat sat on the mat. " * 30)
+    prepare([str(tmp_path / "held.txt")], str(tmp_path / "held"), byte_tokenizer(),
+            val_fraction=1.0, workers=1, progress=False)
+    cfg = tiny_config(dataset, tmp_path / "run", max_steps=1, val_data=[str(tmp_path / "held")])
+    summary = train(cfg, progress=False)
+    # one repeated sentence: a different number than the main data's val split would give
+    other = train(tiny_config(dataset, tmp_path / "run2", max_steps=1), progress=False)
+    assert summary["val_loss"] != other["val_loss"]
+    assert summary["loss"] == other["loss"]

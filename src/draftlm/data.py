@@ -223,8 +223,8 @@ def prepare(
     """Tokenize `sources` into shards under `output`; returns the manifest."""
     if not sources:
         raise DraftlmError("prepare needs at least one source")
-    if not 0 <= val_fraction < 1:
-        raise DraftlmError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= val_fraction <= 1:  # 1: a validation-only set (e.g. SlimPajama's)
+        raise DraftlmError(f"--val-fraction must be in [0, 1], got {val_fraction}")
     if shard_tokens < 1:
         raise DraftlmError(f"--shard-tokens must be positive, got {shard_tokens}")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 
 from draftlm.config import ModelConfig
-from draftlm.dataloader import PackedTokens, TokenLoader, val_batches
+from draftlm.dataloader import PackedTokens, TokenLoader, check_same_tokenizer, val_batches
 from draftlm.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -61,6 +61,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
     init: str | None = None  # finetune: registry name, HF folder, .gguf or training checkpoint
     data: list[dict[str, Any]] = field(default_factory=list)  # [{path, weight}]
+    val_data: list[str] | None = None  # folders whose val split is evaluated (default: data)
     out_dir: str = "runs/train"
     seq_len: int = 2048
     micro_batch_size: int = 16
@@ -238,7 +239,9 @@ def _train(
         raise DraftlmError(f"{out} already holds checkpoints: pass --resume to continue, or "
                            "choose a new out_dir")
     autocast = _autocast_dtype(cfg.precision, info.device)
-    val_data = [PackedTokens(p, "val") for p, _ in datasets]
+    val_folders = cfg.val_data if cfg.val_data is not None else [p for p, _ in datasets]
+    val_data = [PackedTokens(p, "val") for p in val_folders]
+    check_same_tokenizer([*loader.data, *val_data])
     logger = MetricsLogger(out, cfg.tensorboard) if info.is_main else None
     peak = cfg.peak_flops or default_peak_flops(info.device)
     model_flops = flops_per_token(config, cfg.seq_len)
