@@ -286,6 +286,30 @@ def test_bad_parameters_are_400(live, client, lm) -> None:
     assert error_of(nothing, 404)["code"] == "not_found"
 
 
+def test_odd_bodies_never_get_a_500(live) -> None:
+    surrogate = '{"prompt": "a\\ud800b", "max_tokens": 2}'  # valid JSON, not valid Unicode
+    raw = httpx.post(f"{live.url}/v1/completions", content=surrogate.encode(),
+                     headers={**headers(), "Content-Type": "application/json"})
+    assert error_of(raw, 400)["param"] == "prompt"
+    odd = [None, [], "text", {}, {"prompt": None}, {"prompt": [[1, 2]]}, {"prompt": [-1]},
+           {"prompt": "x", "n": None}, {"prompt": "x", "temperature": None},
+           {"prompt": "x", "stop": ["a"] * 17}, {"prompt": "x", "seed": 2**64},
+           {"prompt": "x", "top_k": 0}, {"prompt": "x", "best_of": 3}]
+    for body in odd:
+        response = post(live, "/v1/completions", body)
+        assert 400 <= response.status_code < 500, (body, response.text)
+        error_of(response, response.status_code)
+    chat_odd = [{"messages": []}, {"messages": [{"content": "x"}]},
+                {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "f"}]}]
+    for body in chat_odd:
+        response = post(live, "/v1/chat/completions", body)
+        assert 400 <= response.status_code < 500, (body, response.text)
+    surrogate = '{"messages": [{"role": "user", "content": "\\udfff"}]}'
+    raw = httpx.post(f"{live.url}/v1/chat/completions", content=surrogate.encode(),
+                     headers={**headers(), "Content-Type": "application/json"})
+    assert error_of(raw, 400)["param"] == "messages"
+
+
 def test_schema_errors_are_422(live, client) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model="m", prompt="x", temperature=5)
@@ -302,6 +326,17 @@ def test_schema_errors_are_422(live, client) -> None:
     bad_json = httpx.post(f"{live.url}/v1/completions", content=b"{not json",
                           headers={**headers(), "Content-Type": "application/json"})
     error_of(bad_json, 422)
+
+
+def test_a_template_that_cannot_render_the_messages_is_400() -> None:
+    lm = endless_lm()
+    lm.tokenizer.chat_template = "{{ messages[1].content.upper() }}"  # needs two messages
+    with LiveServer(build_app(lm)) as server:
+        body = {"messages": [{"role": "user", "content": "only one"}]}
+        assert error_of(post(server, "/v1/chat/completions", body), 400)["param"] == "messages"
+        body["messages"].append({"role": "user", "content": "two"})
+        out = post(server, "/v1/chat/completions", {**body, "max_tokens": 2})
+        assert out.status_code == 200 and out.json()["usage"]["prompt_tokens"] == 3
 
 
 def test_oversized_body_is_413(live, client) -> None:
