@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -36,7 +35,10 @@ from draftlm.serve_api import (
     CompletionRequest,
     ResponseWriter,
     SamplingFields,
+    chat_prompt_ids,
+    completion_prompt_ids,
     error_body,
+    schema_param,
 )
 from draftlm.serve_worker import GenerationWorker, Job
 
@@ -306,62 +308,6 @@ def build_app(
         )
 
     return app
-
-
-def schema_param(loc: tuple) -> tuple[str | None, bool]:
-    """The request field a pydantic error points at ("messages.0.content"), and whether
-    it failed a union of forms (pydantic then appends a type tag such as `str` or
-    `list[int]`, which is not a field)."""
-    parts = []
-    for part in loc:
-        if part == "body" and not parts:
-            continue
-        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part[:1].isupper()):
-            return ".".join(parts) or None, True
-        parts.append(str(part))
-    return ".".join(parts) or None, False
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def completion_prompt_ids(lm: LM, prompt: str | list[str] | list[int]) -> list[int]:
-    """Token ids of a completions prompt: a string, a list of one string, or token ids."""
-    if isinstance(prompt, str):
-        return lm.tokenizer.encode(check_unicode(prompt, "prompt"))
-    if not prompt:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise APIError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
-        return lm.tokenizer.encode(check_unicode(prompt[0], "prompt"))
-    vocab = lm.config.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):  # type: ignore[operator]
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    return [int(t) for t in prompt]
-
-
-def chat_prompt_ids(lm: LM, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered with the model's own chat template."""
-    try:
-        rendered = lm.tokenizer.apply_chat_template(messages)
-    except (jinja2.TemplateError, TypeError, ValueError) as err:
-        # The template is the model's, the data the client's: a render failure means these
-        # messages do not fit this model's conversation format.
-        raise APIError(400, f"the model's chat template cannot render these messages: {err}",
-                       param="messages") from None
-    # The template writes BOS itself when the model wants one (as generate(chat=True)).
-    return lm.tokenizer.encode(check_unicode(rendered, "messages"), add_bos=False)
-
-
-def check_unicode(text: str, param: str) -> str:
-    """JSON can carry lone UTF-16 surrogates (\\ud800) that no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"{param} is not valid Unicode: {err.reason} at position "
-                       f"{err.start}", param=param) from None
-    return text
 
 
 async def wait_for_end(job: Job, request: Request, poll_s: float = 0.25) -> tuple[str, Any]:
