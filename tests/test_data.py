@@ -190,3 +190,16 @@ def test_val_fraction_one_makes_a_validation_only_set(corpus: Path, tmp_path: Pa
                        val_fraction=1.0, workers=1, progress=False)
     assert manifest["splits"]["train"]["num_tokens"] == 0
     assert sorted(_decoded_docs(tmp_path / "v")) == sorted(_docs(6, "jsonl"))
+
+
+def test_cli_prepare(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from draftlm.cli import main
+
+    byte_tokenizer().save(tmp_path / "tok")
+    code = main(["prepare", str(corpus / "txt"), "--output", str(tmp_path / "o"),
+                 "--tokenizer", str(tmp_path / "tok"), "--workers", "1", "--exclude", "4.txt"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["documents"] == 4 and summary["dtype"] == "uint16"
+    assert main(["prepare", str(tmp_path / "missing"), "--output", str(tmp_path / "o2"),
+                 "--tokenizer", str(tmp_path / "tok")]) == 1

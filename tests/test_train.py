@@ -179,3 +179,20 @@ def test_val_data_folders_are_evaluated(dataset: Path, tmp_path: Path) -> None:
     other = train(tiny_config(dataset, tmp_path / "run2", max_steps=1), progress=False)
     assert summary["val_loss"] != other["val_loss"]
     assert summary["loss"] == other["loss"]
+
+
+def test_cli_pretrain_and_finetune(dataset: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from draftlm.cli import main
+
+    common = ["--data", str(dataset), "--seq-len", "16", "--micro-batch-size", "2",
+              "--global-batch-tokens", "32", "--device", "cpu", "--precision", "fp32",
+              "--max-steps", "2", "--set", "tensorboard=false", "--set", "cpu_threads=1"]
+    assert main(["pretrain", *common, "--out-dir", str(tmp_path / "p"), "--model", "tiny"]) == 0
+    pre = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pre["step"] == 2 and Path(pre["export"], "config.json").is_file()
+    assert main(["finetune", *common, "--out-dir", str(tmp_path / "f"), "--init",
+                 pre["export"], "--lr", "1e-4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert main(["finetune", *common, "--out-dir", str(tmp_path / "g")]) == 1
+    assert "--init" in capsys.readouterr().err

@@ -180,7 +180,8 @@ def _initial_model(cfg: TrainConfig, data_tokenizer: Tokenizer) -> tuple[Transfo
     from draftlm.load import load
 
     lm = load(cfg.init, dtype="float32", device="cpu")
-    if lm.tokenizer.fingerprint != data_tokenizer.fingerprint:
+    # The same ids for the same tokens; post-processors (BOS added on export) may differ.
+    if lm.tokenizer.backend.get_vocab() != data_tokenizer.backend.get_vocab():
         raise DraftlmError(f"the data was prepared with another tokenizer than {cfg.init}'s; "
                            f"run `draftlm prepare --tokenizer {cfg.init}`")
     return lm.model.requires_grad_(True), lm.tokenizer
