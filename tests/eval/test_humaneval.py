@@ -162,6 +162,8 @@ def test_compare_finds_changed_answers() -> None:
 def test_cli_rejects_bad_arguments() -> None:
     with pytest.raises(DraftlmError, match="--check-draft needs --draft or --ngram"):
         cmd_humaneval(model="unused", check_draft=True)
+    with pytest.raises(DraftlmError, match="only greedy"):
+        cmd_humaneval(model="unused", ngram=3, check_draft=True, temperature=0.8, samples=2)
     problems = [Problem("t", "def f():\n", "def check(c):\n    pass\n", "f")]
     lm = SimpleNamespace(prompts={"t": problems[0].prompt})
     with pytest.raises(DraftlmError, match="greedy"):

@@ -314,6 +314,9 @@ def cmd_humaneval(
         raise DraftlmError("--check-draft needs --draft or --ngram")
     if draft is not None and ngram is not None:
         raise DraftlmError("pass --draft or --ngram, not both")
+    if (check_draft or compare is not None) and temperature != 0:
+        raise DraftlmError("only greedy runs (--temperature 0) must give equal answers; "
+                           "drop --check-draft/--compare or the temperature")
     problems = load_problems(problems_file, limit)
     lm = load(model, dtype=dtype, device=device)
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
@@ -348,6 +351,8 @@ def build_drafter(lm: LM, draft: str | None, num_draft_tokens: int, dtype: str, 
     try:
         from draftlm.speculative import build_drafter as build
     except ModuleNotFoundError as err:
+        if err.name != "draftlm.speculative":
+            raise
         raise DraftlmError("speculative decoding is not available in this build") from err
     return build(lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
                  adaptive=True, dtype=dtype, device=device)
