@@ -120,3 +120,24 @@ def test_bench_user_errors_are_one_line(folders, tmp_path, capsys) -> None:
     assert "must be >= 1" in errors[0]
     assert "cross-tokenizer" in errors[1]
     assert "cannot load draft model" in errors[2]
+
+
+def test_generate_cli_with_each_drafter(folders, capsys) -> None:
+    """`draftlm generate --draft/--ngram/--cross-tokenizer` prints the AR text."""
+    base = ["generate", PROMPTS[0], "--model", str(folders / "target"), "--json",
+            "--max-new-tokens", "16", "--dtype", "float32", "--num-draft-tokens", "3"]
+
+    def run(*extra: str) -> dict:
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    plain = run()
+    for extra in (["--draft", str(folders / "draft")], ["--ngram", "2", "--fixed"],
+                  ["--draft", str(folders / "cross"), "--cross-tokenizer"]):
+        result = run(*extra)
+        assert result["text"] == plain["text"]
+        assert "acceptance_rate" in result
+    assert main([*base, "--draft", str(folders / "cross")]) == 1
+    assert "--cross-tokenizer" in capsys.readouterr().err
+    assert main([*base, "--ngram", "2", "--num-draft-tokens", "0"]) == 1
+    assert "draft tokens must be >= 1" in capsys.readouterr().err

@@ -357,9 +357,17 @@ def cmd_bench(
     device: str = "cpu",
     peer: str | None = None,
     out: str = "bench-results",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Benchmark AR against every speculative configuration; write JSON, markdown, PNG."""
+    """Benchmark AR against every speculative configuration; write JSON, markdown, PNG.
+
+    `threads` sets torch's intra-op threads for every row alike (on a CPU shared with other
+    work, one thread can beat two that wait on each other)."""
     ks = parse_ks(k)
+    if threads is not None:
+        if threads < 1:
+            raise DraftlmError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     if limit is None and prompts is None:
         limit = 5
     policies = [True] * (adaptive or not fixed) + [False] * fixed
@@ -432,4 +440,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--peer", choices=["hf"], help="add HF transformers rows")
     p.add_argument("--out", default="bench-results", help="folder for JSON, markdown, PNG")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.set_defaults(func=cmd_bench)

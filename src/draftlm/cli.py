@@ -49,6 +49,7 @@ def cmd_generate(
     num_draft_tokens: int = 5,
     adaptive: bool = True,
     draft_dtype: str | None = None,
+    cross_tokenizer: bool = False,
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
     from draftlm.generate import generate
@@ -62,6 +63,7 @@ def cmd_generate(
         drafter = build_drafter(
             lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
             adaptive=adaptive, dtype=draft_dtype or dtype, device=device,
+            cross_tokenizer=cross_tokenizer,
         )
 
     def stream(delta: str) -> None:
@@ -129,6 +131,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed", dest="adaptive", action="store_false",
                    help="keep the draft length fixed (default: adaptive)")
     p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="the draft has another tokenizer: draft through text")
     p.set_defaults(func=cmd_generate)
 
 
