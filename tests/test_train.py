@@ -11,7 +11,8 @@ from conftest import byte_tokenizer
 
 from draftlm.data import prepare
 from draftlm.errors import DraftlmError
-from draftlm.train import TrainConfig, build_optimizer, lr_at, resolve_config, train
+from draftlm.train import build_optimizer, lr_at, train
+from draftlm.train_config import TrainConfig, resolve_config
 from draftlm.train_metrics import read_metrics
 
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "birds sing at dawn. "]

@@ -1,6 +1,6 @@
 """`draftlm pretrain` and `draftlm finetune`: one trainer loop for every scale.
 
-A YAML recipe maps 1:1 onto `TrainConfig`; CLI flags override single fields. The loop is
+A YAML recipe maps 1:1 onto `TrainConfig` (`train_config.py`); CLI flags override. The loop is
 the standard one (AMD's and TinyLlama's): AdamW (betas 0.9/0.95, weight decay on
 matrices only), linear warmup then cosine decay to a floor, gradient accumulation up to a
 global batch counted in tokens, clipping, bf16 autocast where the hardware has it. It
@@ -16,13 +16,12 @@ import argparse
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from draftlm.config import ModelConfig
 from draftlm.dataloader import PackedTokens, TokenLoader, check_same_tokenizer, val_batches
@@ -45,87 +44,13 @@ from draftlm.train_checkpoint import (
     read_checkpoint_state,
     save_checkpoint,
 )
+from draftlm.train_config import TrainConfig, resolve_config
 from draftlm.train_metrics import (
     MetricsLogger,
     default_peak_flops,
     flops_per_token,
     plot_loss_curve,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; a recipe YAML sets these fields by name."""
-
-    model: str = "tiny"  # preset for pretraining (ignored when `init` is set)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
-    init: str | None = None  # finetune: registry name, HF folder, .gguf or training checkpoint
-    data: list[dict[str, Any]] = field(default_factory=list)  # [{path, weight}]
-    val_data: list[str] | None = None  # folders whose val split is evaluated (default: data)
-    out_dir: str = "runs/train"
-    seq_len: int = 2048
-    micro_batch_size: int = 16
-    global_batch_tokens: int = 16 * 2048  # per optimizer step, all ranks together
-    max_steps: int = 1000
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 2000
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    init_std: float = 0.02
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
-    strategy: str = "auto"  # auto | none | ddp | fsdp
-    activation_checkpointing: bool = False
-    compile: bool = False
-    device: str = "auto"
-    cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
-    log_interval: int = 10
-    eval_interval: int = 200
-    eval_sequences: int = 64
-    save_interval: int = 1000
-    keep_last: int = 2
-    peak_flops: float | None = None  # per device; None: see train_metrics.default_peak_flops
-    tensorboard: bool = True
-    export: bool = True  # write a HF folder `out_dir/final` at the end
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DraftlmError(f"unknown recipe fields: {', '.join(unknown)} "
-                               f"(known: {', '.join(sorted(known))})")
-        data = dict(data)
-        for f in fields(cls):  # YAML reads `6e-4` (no dot) as a string
-            if f.type.startswith("float") and isinstance(data.get(f.name), str | int):
-                try:
-                    data[f.name] = float(data[f.name])
-                except ValueError as err:
-                    raise DraftlmError(f"recipe field {f.name} must be a number, got "
-                                       f"{data[f.name]!r}") from err
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        data["data"] = [{"path": d, "weight": 1.0} if isinstance(d, str) else d
-                        for d in data.get("data", [])]
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise DraftlmError(f"cannot read recipe {path}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise DraftlmError(f"recipe {path} must be a mapping of TrainConfig fields")
-        return cls.from_dict(loaded)
-
-    def identity(self, model_config: ModelConfig) -> dict[str, Any]:
-        """The settings a resumed run must share with the run that wrote the checkpoint."""
-        return {"model_config": model_config.to_dict(), "seq_len": self.seq_len,
-                "global_batch_tokens": self.global_batch_tokens, "data": self.data,
-                "seed": self.seed}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -374,26 +299,6 @@ class _progress_bar:  # noqa: N801 - used like a function
 
 
 # ---- CLI --------------------------------------------------------------------------------
-def resolve_config(
-    config: str | None, init: str | None = None, set_fields: list[str] | tuple[str, ...] = (),
-    **flags: Any,
-) -> TrainConfig:
-    """The recipe, then `--set field=value` (YAML-parsed), then the explicit flags."""
-    cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
-    values = asdict(cfg)
-    for item in set_fields:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise DraftlmError(f"--set expects FIELD=VALUE, got {item!r}")
-        values[key.strip()] = yaml.safe_load(text)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if flags.get("data"):
-        values["data"] = list(flags["data"])
-    if init is not None:
-        values["init"] = init
-    return TrainConfig.from_dict(values)
-
-
 def pretrain(
     config: str | None = None, out_dir: str | None = None, data: list[str] | None = None,
     model: str | None = None, max_steps: int | None = None, seq_len: int | None = None,
