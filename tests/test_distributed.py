@@ -1,4 +1,5 @@
-"""torchrun with 2 gloo processes (DDP and FSDP2) learns what one process learns.
+"""torchrun with 2 gloo processes (DDP and FSDP2) learns what one process learns, and
+a stopped FSDP2 run resumes to the identical losses.
 
 The same global batch (128 tokens: 1 process x 2 micro-steps, or 2 processes x 1) gives
 the same losses up to float32 reduction order: |difference| < 1e-5 nats per step over 6
@@ -62,6 +63,12 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         assert other.keys() == weights.keys()
         for name, tensor in weights.items():
             assert (other[name] - tensor).abs().max() < TOLERANCE, name
+    # FSDP2: stop at step 3, resume from the sharded run's checkpoint -> the same losses
+    fsdp = [r["loss"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in r]
+    cut = tmp_path / "fsdp-cut"
+    _run([*args, "--strategy", "fsdp", "--stop-at", "3"], 2, cut)
+    records = _run([*args, "--strategy", "fsdp", "--resume"], 2, cut)
+    assert [r["loss"] for r in records if "loss" in r] == fsdp
 
 
 def test_strategy_resolution() -> None:
