@@ -30,7 +30,7 @@ def _hf_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.M
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config.to_hf())
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     renamed = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
                for k, v in state.items()}
     hf.load_state_dict(renamed, strict=False)
