@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import byte_tokenizer
 
-from draftlm import data
+from draftlm import data, data_pack
 from draftlm.data import prepare, token_dtype
 from draftlm.errors import DraftlmError
 
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_keeping_finished_shards(
     args = dict(shard_tokens=50, val_fraction=0.2, workers=1, progress=False)
     prepare([str(big), str(corpus / "a.jsonl")], str(tmp_path / "whole"), byte_tokenizer(),
             **args)
-    real_write, calls = data._ShardWriter._write, []
+    real_write, calls = data_pack.ShardWriter._write, []
 
     def failing_write(self, tokens):
         calls.append(1)
@@ -145,14 +145,14 @@ def test_interrupted_run_resumes_keeping_finished_shards(
             raise KeyboardInterrupt
         real_write(self, tokens)
 
-    monkeypatch.setattr(data._ShardWriter, "_write", failing_write)
+    monkeypatch.setattr(data_pack.ShardWriter, "_write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(big), str(corpus / "a.jsonl")], str(tmp_path / "cut"), byte_tokenizer(),
                 **args)
     assert (tmp_path / "cut" / data.STATE).is_file()
     first = tmp_path / "cut" / "train-00000.bin"
     mtime = first.stat().st_mtime_ns
-    monkeypatch.setattr(data._ShardWriter, "_write", real_write)
+    monkeypatch.setattr(data_pack.ShardWriter, "_write", real_write)
     prepare([str(big), str(corpus / "a.jsonl")], str(tmp_path / "cut"), byte_tokenizer(), **args)
     assert first.stat().st_mtime_ns == mtime
     for path in (tmp_path / "whole").glob("*.bin"):

@@ -22,7 +22,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import uuid
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +30,20 @@ from typing import Any
 
 import numpy as np
 
+from draftlm.data_pack import (
+    STATE,
+    ShardWriter,
+    clear_state,
+    read_json,
+    restore_state,
+    save_state,
+    write_atomic,
+)
 from draftlm.data_sources import SourceFile, expand_source, iter_documents
 from draftlm.errors import DraftlmError
 from draftlm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
-STATE = ".prepare-state.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 BATCH_DOCS = 256  # documents per task sent to a worker
@@ -155,55 +162,6 @@ def _read_batches(
     yield batch
 
 
-# ---- writing ----------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-class _ShardWriter:
-    """Cuts one split's token stream into shards of exactly `shard_tokens` (the last one
-    may be shorter)."""
-
-    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype) -> None:
-        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
-        self.shards: list[dict[str, Any]] = []
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-
-    def add(self, ids: np.ndarray) -> bool:
-        """Append a document; True when a shard was written."""
-        self.pending.append(ids)
-        self.pending_tokens += len(ids)
-        wrote = False
-        while self.pending_tokens >= self.shard_tokens:
-            stream = np.concatenate(self.pending)
-            self._write(stream[: self.shard_tokens])
-            rest = stream[self.shard_tokens :]
-            self.pending, self.pending_tokens = [rest], len(rest)
-            wrote = True
-        return wrote
-
-    def finish(self) -> None:
-        if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-            self.pending, self.pending_tokens = [], 0
-
-    def pending_array(self) -> np.ndarray:
-        return np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-
-    def _write(self, tokens: np.ndarray) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        data = tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        _write_atomic(self.folder / name, data)
-        self.shards.append({"file": name, "num_tokens": len(tokens),
-                            "sha256": hashlib.sha256(data).hexdigest()})
-
-
 # ---- prepare ----------------------------------------------------------------------------
 def prepare(
     sources: Sequence[str],
@@ -244,7 +202,7 @@ def prepare(
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    finished = _read_json(out / MANIFEST)
+    finished = read_json(out / MANIFEST)
     if finished is not None and not overwrite:
         if finished.get("settings_hash") == settings_hash:
             return finished  # already prepared from exactly these inputs
@@ -252,19 +210,19 @@ def prepare(
             f"{out} holds data prepared with other settings or inputs; choose another "
             "--output or pass --overwrite"
         )
-    state = _read_json(out / STATE)
+    state = read_json(out / STATE)
     if state is not None and (overwrite or state.get("settings_hash") != settings_hash):
         state = None
     if finished is not None:
         (out / MANIFEST).unlink()
     tok.save(out / "tokenizer")
 
-    writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
     stats = {i: {"source": s, "documents": 0, "tokens": 0, "duplicates": 0,
                  "skipped": Counter()} for i, s in enumerate(sources)}
     start_doc = 0
     if state is not None:
-        start_doc = _restore(state, out, writers, stats, dtype)
+        start_doc = restore_state(state, out, writers, stats, dtype)
 
     prefix = [tok.bos_id] if bos else []
     suffix = [tok.eos_ids[0]]
@@ -295,8 +253,8 @@ def prepare(
         "splits": {s: {"num_tokens": sum(x["num_tokens"] for x in w.shards),
                        "shards": w.shards} for s, w in writers.items()},
     }
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    _clear_state(out)
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    clear_state(out)
     return manifest
 
 
@@ -317,7 +275,7 @@ def _in_order(
 
 
 def _pack(
-    results: Iterator[tuple[_Batch, list[np.ndarray]]], writers: dict[str, _ShardWriter],
+    results: Iterator[tuple[_Batch, list[np.ndarray]]], writers: dict[str, ShardWriter],
     stats: dict[int, dict[str, Any]], out: Path, settings_hash: str, bar: _Progress,
 ) -> None:
     for batch, encoded in results:
@@ -333,55 +291,7 @@ def _pack(
         bar.update(batch.docs_end, sum(w.pending_tokens for w in writers.values())
                    + sum(x["num_tokens"] for w in writers.values() for x in w.shards))
         if wrote:
-            _save_state(out, settings_hash, batch.docs_end, writers, stats)
-
-
-def _save_state(out: Path, settings_hash: str, docs_end: int,
-                writers: dict[str, _ShardWriter], stats: dict[int, dict[str, Any]]) -> None:
-    """The position after a batch: shards done, unfinished shard contents, counts. The
-    pending files carry the position in their name, so a state file never points at
-    pending tokens of another position."""
-    pending = {}
-    for split, writer in writers.items():
-        name = f".pending-{split}-{docs_end}.bin"
-        _write_atomic(out / name, writer.pending_array().tobytes())
-        pending[split] = name
-    state = {"settings_hash": settings_hash, "docs_end": docs_end, "pending": pending,
-             "shards": {s: w.shards for s, w in writers.items()},
-             "stats": {str(i): {**s, "skipped": dict(s["skipped"])} for i, s in stats.items()}}
-    _write_atomic(out / STATE, json.dumps(state).encode())
-    for path in out.glob(".pending-*.bin"):
-        if path.name not in pending.values():
-            path.unlink()
-
-
-def _restore(state: dict[str, Any], out: Path, writers: dict[str, _ShardWriter],
-             stats: dict[int, dict[str, Any]], dtype: np.dtype) -> int:
-    for split, writer in writers.items():
-        for shard in state["shards"][split]:
-            path = out / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["num_tokens"] * dtype.itemsize:
-                return 0  # a finished shard went missing: start over
-        writer.shards = list(state["shards"][split])
-        pending = np.fromfile(out / state["pending"][split], dtype=dtype)
-        writer.pending, writer.pending_tokens = [pending], len(pending)
-    for key, saved in state["stats"].items():
-        stats[int(key)].update({**saved, "skipped": Counter(saved["skipped"])})
-    return int(state["docs_end"])
-
-
-def _clear_state(out: Path) -> None:
-    for path in [out / STATE, *out.glob(".pending-*.bin")]:
-        path.unlink(missing_ok=True)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a damaged state or manifest is treated as absent: prepare again
+            save_state(out, settings_hash, batch.docs_end, writers, stats)
 
 
 class _Progress:
