@@ -197,3 +197,17 @@ def test_cli_pretrain_and_finetune(dataset: Path, tmp_path: Path,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert main(["finetune", *common, "--out-dir", str(tmp_path / "g")]) == 1
     assert "--init" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_keeps_the_losses(dataset: Path, tmp_path: Path) -> None:
+    train(tiny_config(dataset, tmp_path / "plain", max_steps=3), progress=False)
+    train(tiny_config(dataset, tmp_path / "ac", max_steps=3, activation_checkpointing=True),
+          progress=False)
+    plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert plain.keys() == ac.keys()
+    assert all(abs(plain[s] - ac[s]) < 1e-6 for s in plain)
+    # the wrapper does not rename parameters: the checkpoint holds the plain names
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "ac" / "checkpoints" / "step-000003" / "model.safetensors")
+    assert "layers.0.self_attn.q_proj.weight" in names
