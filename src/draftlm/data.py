@@ -138,14 +138,14 @@ def _read_batches(
         for text in iter_documents(file, field_name, max_line_chars, skipped):
             docs_read += 1
             digest = _doc_hash(text)
+            duplicate = dedup and digest in seen
             if dedup:
-                if digest in seen:
-                    if docs_read > start_doc:
-                        batch.duplicates[file.source_index] += 1
-                    continue
                 seen.add(digest)
-            if docs_read <= start_doc:
+            if docs_read <= start_doc:  # packed before the interruption: counted there
                 skipped.clear()
+                continue
+            if duplicate:
+                batch.duplicates[file.source_index] += 1
                 continue
             batch.texts.append(text)
             batch.splits.append("val" if _is_val(digest, val_fraction) else "train")
