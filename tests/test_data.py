@@ -133,7 +133,12 @@ def test_interrupted_run_resumes_keeping_finished_shards(
 ) -> None:
     monkeypatch.setattr(data, "BATCH_DOCS", 2)
     big = tmp_path / "big.jsonl"
-    big.write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(60)))
+    lines = []
+    for i in range(60):  # with duplicates and bad records, whose counts must survive too
+        lines.append(json.dumps({"text": f"doc {i // 7 if i % 7 == 3 else i} " * 5}))
+        if i % 11 == 5:
+            lines.append("{not json")
+    big.write_text("\n".join(lines) + "\n")
     args = dict(shard_tokens=50, val_fraction=0.2, workers=1, progress=False)
     prepare([str(big), str(corpus / "a.jsonl")], str(tmp_path / "whole"), byte_tokenizer(),
             **args)
@@ -160,6 +165,9 @@ def test_interrupted_run_resumes_keeping_finished_shards(
     assert ((tmp_path / "cut" / "manifest.json").read_text()
             == (tmp_path / "whole" / "manifest.json").read_text())
     assert not list((tmp_path / "cut").glob(".pending-*"))
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["sources"][0]["duplicates"] > 0
+    assert manifest["sources"][0]["skipped"] == {"bad_record": 5}
 
 
 def test_dtype_follows_vocabulary_size() -> None:
