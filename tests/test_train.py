@@ -80,6 +80,8 @@ def test_stop_and_resume_gives_the_uninterrupted_losses(dataset: Path, tmp_path:
     assert sorted(losses(tmp_path / "cut")) == [1, 2, 3, 4, 5]
     with pytest.raises(DraftlmError, match="--resume"):
         train(cut, progress=False)
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # logged, then killed
+        f.write(json.dumps({"step": 6, "loss": 0.0}) + "\n")
     train(cut, resume=True, progress=False)
     assert losses(tmp_path / "cut") == losses(tmp_path / "straight")  # bit-for-bit
     a = read_metrics(tmp_path / "straight" / "metrics.jsonl")

@@ -168,7 +168,8 @@ def _train(
     val_folders = cfg.val_data if cfg.val_data is not None else [p for p, _ in datasets]
     val_data = [PackedTokens(p, "val") for p in val_folders]
     check_same_tokenizer([*loader.data, *val_data])
-    logger = MetricsLogger(out, cfg.tensorboard) if info.is_main else None
+    logger = MetricsLogger(out, cfg.tensorboard, step if step else None) \
+        if info.is_main else None
     peak = cfg.peak_flops or default_peak_flops(info.device)
     model_flops = flops_per_token(config, cfg.seq_len)
     if logger is not None and step == 0:

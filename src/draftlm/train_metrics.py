@@ -60,10 +60,16 @@ class MetricsLogger:
     """Appends one JSON object per event to `metrics.jsonl`; mirrors scalars to
     TensorBoard when `tensorboard` is installed and wanted. Only rank 0 makes one."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
+        """A fresh run starts a new file; a resumed one keeps the records up to its
+        checkpoint's step and drops what the interrupted run logged after it."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
-        self.file = self.path.open("a")
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] \
+            if resume_step is not None else []
+        self.file = self.path.open("w")
+        for record in kept:
+            self.file.write(json.dumps(record) + "\n")
         self.writer = None
         if tensorboard:
             try:
