@@ -213,3 +213,15 @@ def test_activation_checkpointing_keeps_the_losses(dataset: Path, tmp_path: Path
 
     names = load_file(tmp_path / "ac" / "checkpoints" / "step-000003" / "model.safetensors")
     assert "layers.0.self_attn.q_proj.weight" in names
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32(dataset: Path, tmp_path: Path) -> None:
+    train(tiny_config(dataset, tmp_path / "fp32", max_steps=3), progress=False)
+    train(tiny_config(dataset, tmp_path / "bf16", max_steps=3, precision="bf16"), progress=False)
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert fp32 != bf16  # autocast did take effect
+    assert all(abs(fp32[s] - bf16[s]) < 0.05 for s in fp32)
+    start = read_metrics(tmp_path / "bf16" / "metrics.jsonl")[0]
+    assert start["autocast"] == "torch.bfloat16"
+    with pytest.raises(DraftlmError, match="unknown precision"):
+        train(tiny_config(dataset, tmp_path / "x", precision="fp8"), progress=False)
