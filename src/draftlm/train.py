@@ -182,7 +182,7 @@ def _train(
         val = evaluate(wrapped, val_data, cfg, info, autocast)
         if val is not None and logger is not None:
             logger.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-    bar = _progress_bar(progress and info.is_main, cfg.max_steps, step)
+    bar = _ProgressBar(progress and info.is_main, cfg.max_steps, step)
     summary: dict[str, Any] = {}
     window_start, window_tokens = time.perf_counter(), 0
     end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
@@ -193,8 +193,9 @@ def _train(
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(accum):
             batch = loader.next_batch().to(info.device, non_blocking=True)
-            with gradient_sync(wrapped, micro == accum - 1), _autocast(info.device, autocast):
-                logits = wrapped(batch[:, :-1])
+            with gradient_sync(wrapped, micro == accum - 1):
+                with _autocast(info.device, autocast):
+                    logits = wrapped(batch[:, :-1])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                 (loss / accum).backward()
             loss_sum += loss.detach()
@@ -278,7 +279,9 @@ def evaluate(
     return all_reduce_mean(total / count).item()
 
 
-class _progress_bar:  # noqa: N801 - used like a function
+class _ProgressBar:
+    """Steps done, loss and tokens/s on stderr while a terminal watches (rank 0)."""
+
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         import sys
 
