@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
@@ -134,3 +135,21 @@ def test_a_killed_writer_never_leaves_a_checkpoint_that_loads(tmp_path: Path) ->
             assert json.loads((folder / "state.json").read_text())["step"] == state["step"]
             assert "embed_tokens.weight" in load_model_tensors(folder)
     assert list(root.glob(".step-*"))  # a kill mid-write did leave debris, ignored above
+
+
+def test_export_checkpoint_as_hf_folder(tmp_path: Path) -> None:
+    from draftlm.load import load
+    from draftlm.train_checkpoint import export_checkpoint
+
+    model, optimizer = _trained(True)
+    data = tmp_path / "data"
+    byte_tokenizer().save(data / "tokenizer")
+    identity = {"model_config": model.config.to_dict(), "data": [{"path": str(data)}]}
+    path = save_checkpoint(tmp_path / "ck", 3, model, optimizer, {"identity": identity},
+                           True, True, 1)
+    out = export_checkpoint(path, tmp_path / "hf")
+    lm = load(out, dtype="float32")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids), model.eval()(ids))
+    assert lm.tokenizer.encode("ab") == [97, 98]

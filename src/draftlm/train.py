@@ -378,7 +378,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, help="checkpoint and stop at this step (resume later)")
 
 
+def export(checkpoint: str, output: str, tokenizer: str | None = None) -> None:
+    """Write a training checkpoint (`out_dir/checkpoints/step-N`) as a HF folder."""
+    from draftlm.train_checkpoint import export_checkpoint
+
+    print(export_checkpoint(checkpoint, output, tokenizer))
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write a training checkpoint as a HF folder")
+    p.add_argument("checkpoint", help="a step-NNNNNN folder of a run")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's data tokenizer)")
+    p.set_defaults(func=export)
     p = subparsers.add_parser("pretrain", help="train a model from scratch")
     _add_common(p)
     p.add_argument("--model", help="model preset (e.g. tiny, amd-llama-135m)")

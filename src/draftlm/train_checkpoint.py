@@ -198,3 +198,26 @@ def load_checkpoint(
     )
     set_rng_state(state["rng"])
     return state
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path,
+                      tokenizer_folder: str | Path | None = None) -> Path:
+    """Write a training checkpoint as a HF folder (draftlm.load and transformers load it).
+
+    The tokenizer comes from `tokenizer_folder`, else from the run's first dataset (the
+    copy `draftlm prepare` keeps in `<data>/tokenizer`)."""
+    from draftlm.config import ModelConfig
+    from draftlm.hf_checkpoint import save_hf_folder
+    from draftlm.tokenizer import Tokenizer
+
+    folder = Path(checkpoint).expanduser()
+    state = read_checkpoint_state(folder)
+    config = ModelConfig.from_dict(state["identity"]["model_config"])
+    if tokenizer_folder is None:
+        data = state["identity"].get("data") or []
+        if not data:
+            raise DraftlmError(f"{folder} names no dataset to take the tokenizer from; "
+                               "pass --tokenizer FOLDER")
+        tokenizer_folder = Path(data[0]["path"]) / "tokenizer"
+    tokenizer = Tokenizer.from_folder(tokenizer_folder)
+    return save_hf_folder(output, config, load_model_tensors(folder), tokenizer)
