@@ -144,7 +144,7 @@ def load(
             raise DraftlmError(f"{path} is a file but not .gguf; pass a GGUF file or a HF folder")
         from draftlm.gguf_loader import read_gguf
 
-        ckpt = read_gguf(path)
+        ckpt = read_gguf(path, dtype=torch_dtype)  # cast per tensor: no float32 copy of it all
         config, tensors, tokenizer = ckpt.config, ckpt.tensors, ckpt.tokenizer
     else:
         from draftlm.hf_checkpoint import read_hf_folder
