@@ -79,6 +79,30 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+# Decode and verify steps (a few new tokens against a cached past) take a plain matmul path:
+# PyTorch's CPU SDPA kernels cost ~1-13 ms a call there, more than the layer's weights.
+SMALL_STEP = 16
+
+
+def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of a few queries over the cache. Grouped-query heads are folded into the
+    query length ([B, kv, group*T, D]) so K and V are never repeated or copied."""
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    group = h // kv_heads
+    scores = q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)
+    scores = scores.float() * (d**-0.5)
+    if mask is not None:
+        scores = scores.view(b, kv_heads, group, t, -1).masked_fill(~mask, float("-inf"))
+        scores = scores.view(b, kv_heads, group * t, -1)
+    elif t > 1:  # all new tokens, no past: causal among themselves
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = scores.view(b, kv_heads, group, t, t).masked_fill(~causal, float("-inf"))
+        scores = scores.view(b, kv_heads, group * t, t)
+    probs = scores.softmax(-1).to(v.dtype)
+    return (probs @ v).view(b, h, t, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -99,13 +123,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-        # Causal among the new tokens only when they are all there is; with a cached past the
-        # explicit mask says which positions each new token may see (none for one token).
-        is_causal = mask is None and t > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if start_pos is not None and t <= SMALL_STEP:
+            y = small_step_attention(q, k, v, mask)
+        else:
+            # Causal among the new tokens only when they are all there is; with a cached past
+            # the explicit mask says which positions each new token may see.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
