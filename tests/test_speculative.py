@@ -259,6 +259,7 @@ def test_end_to_end_sampling_matches_the_two_token_distribution(small_vocab_pair
 
 # ---- the real pair ---------------------------------------------------------------------
 @pytest.mark.real
+@pytest.mark.slow
 def test_qwen_pair_greedy_speculative_equals_plain_greedy() -> None:
     """qwen2.5-coder-0.5b drafting for -1.5b on HumanEval prompts, 32 new tokens."""
     from draftlm.registry import is_installed
