@@ -13,7 +13,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,65 +197,6 @@ def run_bench(
     return rows
 
 
-# ---- the HF transformers peer ------------------------------------------------------------
-def hf_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    """(folder, from_pretrained kwargs) for a registry name, a .gguf file or a HF folder."""
-    from draftlm.registry import REAL_MODELS, gguf_path
-
-    path = Path(name_or_path)
-    if name_or_path in REAL_MODELS and not path.exists():
-        path = gguf_path(name_or_path)
-    if path.is_file():
-        return str(path.parent), {"gguf_file": path.name}
-    return str(path), {}
-
-
-def run_hf_peer(
-    model: str, drafts: Sequence[str], prompt_ids: Sequence[list[int]], max_new_tokens: int,
-    dtype: torch.dtype, log: Callable[[str], None] | None = None,
-) -> list[BenchRow]:
-    """HF transformers' plain and assisted greedy generation on the same prompt tokens."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ModuleNotFoundError as err:
-        raise DraftlmError("--peer hf needs HF transformers: pip install 'draftlm[peer]'") from err
-
-    def hf_load(source: str) -> Any:
-        folder, kwargs = hf_source(source)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-
-    target = hf_load(model)
-    eos = target.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    jobs: list[tuple[BenchConfig, Any]] = [(BenchConfig("hf"), None)]
-    jobs += [(BenchConfig("hf-assisted", d, adaptive=True), hf_load(d)) for d in drafts]
-    rows = []
-    for config, assistant in jobs:
-        row = BenchRow(config)
-        extra = {"assistant_model": assistant} if assistant is not None else {}
-        for i, ids in enumerate([prompt_ids[0], *prompt_ids]):
-            inputs = torch.tensor([ids])
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = target.generate(
-                    inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
-                    max_new_tokens=4 if i == 0 else max_new_tokens, **extra,
-                )
-            if i == 0:
-                continue  # warm-up
-            row.elapsed_s += time.perf_counter() - start
-            new = out[0, inputs.shape[1] :].tolist()
-            if new and new[-1] in eos_ids:  # we count tokens before EOS: so does this row
-                new.pop()
-            row.num_new_tokens += len(new)
-            row.num_prompts += 1
-            row.outputs.append(new)
-        rows.append(row)
-        if log:
-            log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
-    return rows
-
-
 # ---- reports -----------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -289,13 +229,16 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     except ModuleNotFoundError as err:
         raise DraftlmError("the plot needs matplotlib: pip install 'draftlm[bench]'") from err
     fig, (ax_speed, ax_accept) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.ticker import MaxNLocator
+
     series: dict[str, list[dict[str, Any]]] = {}
+    references = iter(["gray", "black", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
     for s in summaries:
         if s["num_draft_tokens"]:
             series.setdefault(BenchConfig(**_config_fields(s)).series, []).append(s)
         elif s["speedup"] is not None:
             ax_speed.axhline(s["speedup"], linestyle="--", linewidth=1, label=s["label"],
-                             color="gray" if s["kind"] == "ar" else None)
+                             color=next(references, "gray"))
     for name, points in series.items():
         points.sort(key=lambda s: s["num_draft_tokens"])
         ks = [s["num_draft_tokens"] for s in points]
@@ -305,6 +248,8 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax_speed.set(xlabel="draft length k", ylabel="speedup over AR (x)", title="speedup")
     ax_accept.set(xlabel="draft length k", ylabel="acceptance rate", title="acceptance",
                   ylim=(0, 1.05))
+    for ax in (ax_speed, ax_accept):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_speed.legend(fontsize=7)
     ax_accept.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -400,6 +345,8 @@ def cmd_bench(
         prompt_ids = [lm.tokenizer.encode(p) for p in texts]
         del lm, draft_lms
         gc.collect()  # two copies of the target do not fit a small machine
+        from draftlm.bench_peer import run_hf_peer
+
         peer_rows = run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
         for row in peer_rows:
             row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
