@@ -159,7 +159,7 @@ def test_compare_finds_changed_answers() -> None:
         "compared": 2, "identical": 1, "different": ["b"]}
 
 
-def test_cli_rejects_bad_arguments() -> None:
+def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DraftlmError, match="--check-draft needs --draft or --ngram"):
         cmd_humaneval(model="unused", check_draft=True)
     with pytest.raises(DraftlmError, match="only greedy"):
@@ -167,7 +167,7 @@ def test_cli_rejects_bad_arguments() -> None:
     problems = [Problem("t", "def f():\n", "def check(c):\n    pass\n", "f")]
     lm = SimpleNamespace(prompts={"t": problems[0].prompt})
     with pytest.raises(DraftlmError, match="greedy"):
-        run(lm, problems, Path("unused"), name="x", samples=3,
+        run(lm, problems, tmp_path / "out", name="x", samples=3,
             generate_fn=scripted_generate({"t": ""}))
 
 
