@@ -56,3 +56,9 @@ def test_save_and_reload(tmp_path) -> None:
 def test_missing_tokenizer_file(tmp_path) -> None:
     with pytest.raises(DraftlmError, match="no tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
+
+
+def test_chat_template_render_error_is_a_user_error() -> None:
+    tok = byte_tokenizer("{{ messages[0].content + 1 }}")
+    with pytest.raises(DraftlmError, match="cannot render"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -95,12 +95,16 @@ class Tokenizer:
             template = env.from_string(self.chat_template)
         except jinja2.TemplateError as err:
             raise DraftlmError(f"the model's chat template does not parse: {err}") from err
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.token_name(self.bos_id) or "",
-            eos_token=self.token_name(self.eos_ids[0] if self.eos_ids else None) or "",
-        )
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_name(self.bos_id) or "",
+                eos_token=self.token_name(self.eos_ids[0] if self.eos_ids else None) or "",
+            )
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as err:
+            # Messages the template does not expect (a missing field, a wrong type).
+            raise DraftlmError(f"the chat template cannot render these messages: {err}") from err
 
     # ---- files -------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
