@@ -8,6 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from draftlm.config import ModelConfig
+from draftlm.gguf_tokenizer import bytes_to_unicode
 from draftlm.load import LM
 from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
@@ -27,16 +28,7 @@ def byte_tokenizer(chat_template: str | None = None) -> Tokenizer:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's printable stand-ins for the 256 byte values, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
+    return [bytes_to_unicode()[b] for b in range(256)]
 
 
 def make_tiny_lm(seed: int = 0, **changes) -> LM:

@@ -15,13 +15,13 @@ import torch
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
 from draftlm.gguf_loader import permute_qk, read_gguf, unpermute_qk
-from draftlm.gguf_tokenizer import _PRE_TOKENIZERS, _bytes_to_unicode, tokenizer_from_gguf
+from draftlm.gguf_tokenizer import _PRE_TOKENIZERS, bytes_to_unicode, tokenizer_from_gguf
 from draftlm.model import Transformer
 
 Q = gguf.GGMLQuantizationType
 
 # ---- tiny vocabularies ------------------------------------------------------------------
-BYTE_CHARS = [_bytes_to_unicode()[b] for b in range(256)]
+BYTE_CHARS = [bytes_to_unicode()[b] for b in range(256)]
 BPE_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ in"]
 BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BPE_TOKENS = BYTE_CHARS + ["Ġt", "he", "Ġthe", "in", "Ġin"] + BPE_SPECIALS + ["<think>"]

@@ -73,7 +73,7 @@ _PRE_TOKENIZERS: dict[str, tuple[bool, str, bool]] = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte: how byte-level vocabularies spell tokens."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
@@ -125,7 +125,7 @@ def _byte_level_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]
             f"{', '.join(sorted(_PRE_TOKENIZERS))}"
         )
     split_digits, regex, ignore_merges = _PRE_TOKENIZERS[pre_name]
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # Real tokens are stored in the byte alphabet already; a few converters store added
     # tokens as raw text, which we spell the way the BPE model will see them.
