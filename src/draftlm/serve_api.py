@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-import jinja2
 from pydantic import BaseModel, Field
 
+from draftlm.errors import DraftlmError
 from draftlm.generate import GenerationResult
 from draftlm.load import LM
 
@@ -186,11 +186,11 @@ def chat_prompt_ids(lm: LM, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation rendered with the model's own chat template."""
     try:
         rendered = lm.tokenizer.apply_chat_template(messages)
-    except (jinja2.TemplateError, TypeError, ValueError) as err:
-        # The template is the model's, the data the client's: a render failure means these
-        # messages do not fit this model's conversation format.
-        raise APIError(400, f"the model's chat template cannot render these messages: {err}",
-                       param="messages") from None
+    except DraftlmError as err:
+        # The template is the model's, the data the client's: a render failure (or the
+        # template's own raise_exception) means these messages do not fit this model's
+        # conversation format.
+        raise APIError(400, str(err), param="messages") from None
     # The template writes BOS itself when the model wants one (as generate(chat=True)).
     return lm.tokenizer.encode(check_unicode(rendered, "messages"), add_bos=False)
 
