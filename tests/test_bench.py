@@ -10,7 +10,7 @@ import torch
 from test_drafters import permuted_draft
 from test_speculative import no_eos_lm, noisy_copy
 
-from draftlm.bench import BenchConfig, load_prompts, parse_ks, plan
+from draftlm.bench import BenchConfig, load_prompts, parse_ks, parse_variant, plan
 from draftlm.cli import main
 from draftlm.errors import DraftlmError
 from draftlm.hf_checkpoint import save_hf_folder
@@ -107,6 +107,41 @@ def test_bench_with_hf_peer(folders, tmp_path) -> None:
         assert row["num_new_tokens"] == 16
         assert row["same_as_ar"] == 2  # HF's greedy tokens are ours
     assert "hf-assisted" in (out / "bench.md").read_text()
+
+
+def test_quantized_bench_with_ar_rows_at_other_precisions(folders, tmp_path) -> None:
+    """A quantized target keeps speculative rows equal to its own AR; the extra AR rows run
+    the unquantized target in the same run."""
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra")
+    out = tmp_path / "quant"
+    argv = ["bench", "--model", str(folders / "target"), "--draft", str(folders / "draft"),
+            "--ngram", "2", "--k", "3", "--prompts", str(folders / "prompts.jsonl"),
+            "--max-new-tokens", "10", "--dtype", "float32", "--quantize", "int8",
+            "--also-ar", "float32", "--also-ar", "bfloat16+int4", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["quantize"] == "int8" and report["draft_quantize"] == "int8"
+    rows = {r["label"]: r for r in report["results"]}
+    assert list(rows)[-2:] == ["ar float32", "ar bfloat16+int4"]
+    for label, row in rows.items():
+        assert row["num_new_tokens"] == 20
+        if not label.startswith("ar"):
+            assert row["same_as_ar"] == 2, label
+
+
+def test_parse_variant() -> None:
+    assert parse_variant("bfloat16", "auto") == ("bfloat16", "none")
+    assert parse_variant("int8", "float32") == ("float32", "int8")
+    assert parse_variant("float32+int4", "auto") == ("float32", "int4")
+    with pytest.raises(DraftlmError, match="neither a dtype"):
+        parse_variant("fp8", "auto")
+
+
+def test_llama_cpp_peer_needs_a_gguf(folders) -> None:
+    from draftlm.bench_peer import gguf_file_of
+
+    with pytest.raises(DraftlmError, match="needs a GGUF model"):
+        gguf_file_of(str(folders / "target"))
 
 
 def test_bench_user_errors_are_one_line(folders, tmp_path, capsys) -> None:

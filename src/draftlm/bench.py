@@ -22,12 +22,15 @@ import torch
 
 from draftlm.errors import DraftlmError
 from draftlm.generate import GenerationResult, generate
-from draftlm.load import LM, load, resolve_dtype
+from draftlm.load import DTYPES, LM, load, resolve_dtype
+from draftlm.quantize import QUANTIZE_MODES
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row of the benchmark. kind: ar | draft | ngram | cross | hf | hf-assisted."""
+    """One row of the benchmark. kind: ar | ar-variant | draft | ngram | cross | hf |
+    hf-assisted. An `ar-variant` row decodes the target at another precision (its source,
+    e.g. `bfloat16` or `float32+int8`)."""
 
     kind: str
     source: str | None = None  # draft model name/path, or the n-gram size
@@ -36,8 +39,10 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        if self.kind in ("ar", "hf"):
+        if self.kind in ("ar", "hf", "llama.cpp"):
             return self.kind
+        if self.kind == "ar-variant":
+            return f"ar {self.source}"
         policy = "adaptive" if self.adaptive else "fixed"
         if self.kind == "hf-assisted":
             return f"hf-assisted {self.source}"
@@ -115,6 +120,24 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
             raise DraftlmError(f"--limit must be >= 1, got {limit}")
         prompts = prompts[:limit]
     return prompts
+
+
+PEERS = ("hf", "llama.cpp")
+
+
+def parse_variant(variant: str, default_dtype: str) -> tuple[str, str]:
+    """`bfloat16` -> (bfloat16, none); `int8` -> (default dtype, int8); `float32+int4`."""
+    dtype, quantize = default_dtype, "none"
+    for part in variant.split("+"):
+        if part in QUANTIZE_MODES:
+            quantize = part
+        elif part in DTYPES or part == "auto":
+            dtype = part
+        else:
+            raise DraftlmError(f"--also-ar {variant!r}: {part!r} is neither a dtype "
+                               f"({', '.join(DTYPES)}) nor a quantization "
+                               f"({', '.join(QUANTIZE_MODES)})")
+    return dtype, quantize
 
 
 def parse_ks(k: str | Sequence[int]) -> list[int]:
@@ -276,7 +299,9 @@ def write_report(
     table = markdown_table(summaries)
     header = (f"# draftlm bench: {meta.get('model')}\n\n{meta.get('num_prompts')} prompts, "
               f"{meta.get('max_new_tokens')} new tokens, temperature "
-              f"{meta.get('temperature')}, dtype {meta.get('dtype')}\n\n"
+              f"{meta.get('temperature')}, dtype {meta.get('dtype')}, quantize "
+              f"{meta.get('quantize', 'none')} (drafts {meta.get('draft_quantize', 'none')})"
+              f"\n\n"
               f"`{meta.get('command')}`\n\n")
     (out / "bench.md").write_text(header + table)
     plot(summaries, out / "bench.png", f"{meta.get('model')}, {meta.get('num_prompts')} "
@@ -299,16 +324,22 @@ def cmd_bench(
     seed: int = 0,
     dtype: str = "auto",
     draft_dtype: str | None = None,
+    quantize: str = "none",
+    draft_quantize: str | None = None,
+    also_ar: Sequence[str] = (),
     device: str = "cpu",
-    peer: str | None = None,
+    peer: Sequence[str] = (),
     out: str = "bench-results",
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark AR against every speculative configuration; write JSON, markdown, PNG.
 
     `threads` sets torch's intra-op threads for every row alike (on a CPU shared with other
-    work, one thread can beat two that wait on each other)."""
+    work, one thread can beat two that wait on each other). `also_ar` adds AR rows of the
+    target at other precisions (`bfloat16`, `float32+int8`, `int4`, ...), so that a
+    quantized run is compared with unquantized decoding in the same run."""
     ks = parse_ks(k)
+    variants = [parse_variant(v, dtype) for v in also_ar]
     if threads is not None:
         if threads < 1:
             raise DraftlmError(f"--threads must be >= 1, got {threads}")
@@ -319,16 +350,18 @@ def cmd_bench(
     texts = load_prompts(prompts, limit)
     if max_new_tokens < 1:
         raise DraftlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if peer is not None and peer != "hf":
-        raise DraftlmError(f"--peer takes 'hf', got {peer!r}")
+    peers = list(peer)
+    for name in peers:
+        if name not in PEERS:
+            raise DraftlmError(f"--peer takes {' or '.join(PEERS)}, got {name!r}")
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     from draftlm.speculative import load_draft
 
-    lm = load(model, dtype=dtype, device=device)
-    draft_lms = {d: load_draft(d, draft_dtype or dtype, device)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    draft_lms = {d: load_draft(d, draft_dtype or dtype, device, draft_quantize or quantize)
                  for d in dict.fromkeys([*draft, *cross_draft])}
     from draftlm.drafters import vocab_compatible
 
@@ -341,13 +374,31 @@ def cmd_bench(
     configs = plan(draft, ngram, cross_draft, ks, policies)
     rows = run_bench(lm, configs, texts, max_new_tokens, draft_lms, temperature, seed, log)
     torch_dtype = resolve_dtype(dtype, device)
-    if peer == "hf":
-        prompt_ids = [lm.tokenizer.encode(p) for p in texts]
-        del lm, draft_lms
-        gc.collect()  # two copies of the target do not fit a small machine
+    prompt_ids = [lm.tokenizer.encode(p) for p in texts]
+    del lm, draft_lms
+    gc.collect()  # two copies of the target do not fit a small machine
+    for variant_dtype, variant_quantize in variants:
+        config = BenchConfig("ar-variant", f"{variant_dtype}+{variant_quantize}"
+                             if variant_quantize != "none" else variant_dtype)
+        variant = load(model, dtype=variant_dtype, device=device, quantize=variant_quantize)
+        row = run_config(variant, config, prompt_ids, max_new_tokens, lambda _: None,
+                         temperature, seed)
+        row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs, strict=True))
+        rows.append(row)
+        log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
+        del variant
+        gc.collect()
+    peer_rows: list[BenchRow] = []
+    if "llama.cpp" in peers:
+        from draftlm.bench_peer import run_llama_cpp_peer
+
+        peer_rows += run_llama_cpp_peer(model, prompt_ids, max_new_tokens,
+                                        torch.get_num_threads(), log)
+    if "hf" in peers:
         from draftlm.bench_peer import run_hf_peer
 
-        peer_rows = run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
+        peer_rows += run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
+    if peer_rows:
         for row in peer_rows:
             row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
                                                         strict=True))
@@ -355,6 +406,7 @@ def cmd_bench(
     meta = {
         "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
+        "quantize": quantize, "draft_quantize": draft_quantize or quantize,
         "device": device, "torch_threads": torch.get_num_threads(),
         "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
     }
@@ -384,8 +436,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--draft-dtype", help="dtype of the draft models (default: --dtype)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="quantize the target's linear layers (CPU int8 / int4 kernels)")
+    p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
+                   help="quantization of the draft models (default: --quantize)")
+    p.add_argument("--also-ar", action="append", default=[], metavar="VARIANT",
+                   help="an extra AR row of the target at another precision: DTYPE, QUANT "
+                        "or DTYPE+QUANT (e.g. bfloat16, int8, float32+int4); repeatable")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--peer", choices=["hf"], help="add HF transformers rows")
+    p.add_argument("--peer", action="append", default=[], choices=PEERS,
+                   help="add a peer's rows to the same run: hf (transformers' plain and "
+                        "assisted generation), llama.cpp (llama-cpp-python on the same GGUF); "
+                        "repeatable")
     p.add_argument("--out", default="bench-results", help="folder for JSON, markdown, PNG")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.set_defaults(func=cmd_bench)

@@ -74,3 +74,51 @@ def run_hf_peer(
         if log:
             log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
     return rows
+
+
+def gguf_file_of(name_or_path: str) -> Path:
+    """The GGUF file behind a registry name or a .gguf path (llama.cpp reads nothing else)."""
+    folder, kwargs = hf_source(name_or_path)
+    if "gguf_file" not in kwargs:
+        raise DraftlmError(f"--peer llama.cpp needs a GGUF model; {name_or_path} is a folder")
+    return Path(folder) / kwargs["gguf_file"]
+
+
+def run_llama_cpp_peer(
+    model: str, prompt_ids: Sequence[list[int]], max_new_tokens: int, threads: int,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """llama.cpp's greedy AR decoding (llama-cpp-python) of the same GGUF file, prompt
+    tokens and thread count; its tokens/s counts prefill too, as ours does."""
+    try:
+        from llama_cpp import Llama
+    except ModuleNotFoundError as err:
+        raise DraftlmError(
+            "--peer llama.cpp needs llama-cpp-python (it compiles llama.cpp): "
+            "pip install llama-cpp-python"
+        ) from err
+    longest = max(len(ids) for ids in prompt_ids) + max_new_tokens + 8
+    llm = Llama(model_path=str(gguf_file_of(model)), n_ctx=longest, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    eos = llm.token_eos()
+    row = BenchRow(BenchConfig("llama.cpp"))
+    for i, ids in enumerate([prompt_ids[0], *prompt_ids]):
+        limit = 4 if i == 0 else max_new_tokens
+        new: list[int] = []
+        start = time.perf_counter()
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                  repeat_penalty=1.0, reset=True):
+            if token == eos:
+                break
+            new.append(int(token))
+            if len(new) == limit:
+                break
+        if i == 0:
+            continue  # warm-up
+        row.elapsed_s += time.perf_counter() - start
+        row.num_new_tokens += len(new)
+        row.num_prompts += 1
+        row.outputs.append(new)
+    if log:
+        log(f"llama.cpp: {row.tokens_per_second:.2f} tok/s")
+    return [row]

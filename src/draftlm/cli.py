@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from draftlm.errors import DraftlmError
+from draftlm.flags import add_draft_flags, add_load_flags, drafter_from_flags
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
 # is missing (an optional part not installed) simply contributes nothing.
@@ -44,27 +45,24 @@ def cmd_generate(
     as_json: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    quantize: str = "none",
     draft: str | None = None,
     ngram: int | None = None,
     num_draft_tokens: int = 5,
     adaptive: bool = True,
     draft_dtype: str | None = None,
+    draft_quantize: str | None = None,
     cross_tokenizer: bool = False,
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
     from draftlm.generate import generate
     from draftlm.load import load
 
-    lm = load(model, dtype=dtype, device=device)
-    drafter = None
-    if draft is not None or ngram is not None:
-        from draftlm.speculative import build_drafter
-
-        drafter = build_drafter(
-            lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
-            adaptive=adaptive, dtype=draft_dtype or dtype, device=device,
-            cross_tokenizer=cross_tokenizer,
-        )
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    drafter = drafter_from_flags(
+        lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
+        draft_quantize, device, cross_tokenizer,
+    )
 
     def stream(delta: str) -> None:
         sys.stdout.write(delta)
@@ -123,16 +121,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print text, token count and tokens/s as JSON")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--draft", help="draft model for speculative decoding")
-    p.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
-    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
-    p.add_argument("--fixed", dest="adaptive", action="store_false",
-                   help="keep the draft length fixed (default: adaptive)")
-    p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
-    p.add_argument("--cross-tokenizer", action="store_true",
-                   help="the draft has another tokenizer: draft through text")
+    add_load_flags(p)
+    add_draft_flags(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -213,7 +213,13 @@ def generate(
     start = time.perf_counter()
     model.setup_cache(1, min(context, len(prompt_ids) + budget))
     ids = torch.tensor([prompt_ids], device=device)
-    logits = model(ids, start_pos=0, num_logits=1)[:, -1]
+    # The prompt minus its last token in one pass, then the last token as a decode step:
+    # exactly the calls speculative decoding makes, so that both fill the KV cache with the
+    # same values (bit for bit with batch-invariant quantized layers) and greedy outputs
+    # stay equal. The extra step costs one token of decoding.
+    if len(prompt_ids) > 1:
+        model(ids[:, :-1], start_pos=0, num_logits=1)
+    logits = model(ids[:, -1:], start_pos=len(prompt_ids) - 1)[:, -1]
     token = next_token(logits, params, generator)
     prefill_s = time.perf_counter() - start
     pos = len(prompt_ids)

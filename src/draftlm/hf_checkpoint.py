@@ -385,6 +385,9 @@ def save_hf_folder(
     new one is fully written, and only if it is a checkpoint folder (has config.json) or
     empty, so a mistyped path cannot wipe unrelated files."""
     folder = Path(folder).resolve()  # the real location: renames then never touch a symlink
+    if getattr(tensors, "quantization", "none") != "none":
+        raise DraftlmError("cannot save a quantized model: save the unquantized one and pass "
+                           "--quantize when loading it")
     if max_shard_bytes <= 0:
         raise DraftlmError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if folder.exists() and not folder.is_dir():

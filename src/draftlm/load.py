@@ -34,6 +34,10 @@ class LM:
     load_s: float = 0.0
 
     @property
+    def quantization(self) -> str:
+        return getattr(self.model, "quantization", "none")
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
@@ -119,12 +123,19 @@ def load(
     name_or_path: str | os.PathLike[str],
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> LM:
     """Load a model by registry name, GGUF file or HF folder.
 
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
-    GPUs, float32 otherwise)."""
+    GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
+    `quantize` (none, int8, int4) replaces the linear layers by CPU-quantized ones
+    (`draftlm.quantize`)."""
+    from draftlm.quantize import QUANTIZE_MODES, quantize_model
     from draftlm.registry import REAL_MODELS
+
+    if quantize not in QUANTIZE_MODES:
+        raise DraftlmError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
 
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, device)
@@ -152,5 +163,6 @@ def load(
         hf = read_hf_folder(path)
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
+    quantize_model(model, quantize)
     return LM(model, tokenizer, config, config.name if config.name != "custom" else name,
               time.perf_counter() - start)

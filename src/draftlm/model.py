@@ -86,16 +86,27 @@ SMALL_STEP = 16
 
 def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Attention of a few queries over the cache. Grouped-query heads are folded into the
-    query length ([B, kv, group*T, D]) so K and V are never repeated or copied."""
+    query length ([B, kv, group*T, D]) so K and V are never repeated or copied.
+
+    With a cached past (`mask` given: a verify pass of speculative decoding), each new token
+    is computed alone over exactly the positions it may see: the same shapes and kernels as
+    the one-token decode step at its position, so its result does not depend on the other
+    tokens of the pass. With batch-invariant linear layers (`quantize.Int8Linear`) a verify
+    pass then gives the very logits AR decoding would, bit for bit."""
     b, h, t, d = q.shape
+    if mask is not None and t > 1:
+        past = k.shape[2] - t
+        rows = [
+            small_step_attention(q[:, :, i : i + 1], k[:, :, : past + i + 1],
+                                 v[:, :, : past + i + 1], None)
+            for i in range(t)
+        ]
+        return torch.cat(rows, dim=2)
     kv_heads = k.shape[1]
     group = h // kv_heads
     scores = q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)
     scores = scores.float() * (d**-0.5)
-    if mask is not None:
-        scores = scores.view(b, kv_heads, group, t, -1).masked_fill(~mask, float("-inf"))
-        scores = scores.view(b, kv_heads, group * t, -1)
-    elif t > 1:  # all new tokens, no past: causal among themselves
+    if t > 1:  # all new tokens, no past: causal among themselves
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         scores = scores.view(b, kv_heads, group, t, t).masked_fill(~causal, float("-inf"))
         scores = scores.view(b, kv_heads, group * t, t)
@@ -111,15 +122,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # One projection for q, k and v together when `quantize` fuses them (one activation
+        # quantization and one kernel call instead of three).
+        self.qkv_proj: nn.Module | None = None
         self.kv_cache: KVCache | None = None
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | None, mask: Tensor | None
     ) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_size, kv_size], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
@@ -141,9 +160,14 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused, set by `quantize`
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -32,6 +32,7 @@ import os
 import sys
 
 from draftlm.errors import DraftlmError
+from draftlm.flags import add_draft_flags, add_load_flags, drafter_from_flags
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
@@ -45,9 +46,11 @@ def serve(
     api_key: str | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    quantize: str = "none",
     num_draft_tokens: int = 5,
     adaptive: bool = True,
     draft_dtype: str | None = None,
+    draft_quantize: str | None = None,
     cross_tokenizer: bool = False,
     max_queue: int = 64,
     max_tokens_limit: int = 1024,
@@ -73,16 +76,11 @@ def serve(
     if not is_loopback(host) and api_key is None:
         print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    lm = load(model, dtype=dtype, device=device)
-    drafter = None
-    if draft is not None or ngram is not None:
-        from draftlm.speculative import build_drafter
-
-        drafter = build_drafter(
-            lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
-            adaptive=adaptive, dtype=draft_dtype or dtype, device=device,
-            cross_tokenizer=cross_tokenizer,
-        )
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    drafter = drafter_from_flags(
+        lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
+        draft_quantize, device, cross_tokenizer,
+    )
     app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
                     max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
@@ -104,21 +102,12 @@ def is_loopback(host: str) -> bool:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model behind an OpenAI-compatible API")
     p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--draft", help="draft model for speculative decoding")
-    group.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
-    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
-    p.add_argument("--fixed", dest="adaptive", action="store_false",
-                   help="keep the draft length fixed (default: adaptive)")
-    p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
-    p.add_argument("--cross-tokenizer", action="store_true",
-                   help="the draft has another tokenizer: draft through re-tokenized text")
+    add_load_flags(p)
+    add_draft_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "
                    "(default: $DRAFTLM_API_KEY when set)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the model; more get 429")
     p.add_argument("--max-tokens-limit", type=int, default=1024,

@@ -184,6 +184,7 @@ def build_drafter(
     cross_tokenizer: bool = False,
     min_confidence: float | None = None,
     draft_lm: LM | None = None,
+    quantize: str = "none",
 ) -> Drafter:
     """The drafter the CLI flags ask for: `draft` (a model name/path) or `ngram` (size).
 
@@ -198,7 +199,7 @@ def build_drafter(
             raise DraftlmError(f"--ngram must be >= 1, got {ngram}")
         return NgramDrafter(ngram, num_draft_tokens, adaptive)
     if draft_lm is None:
-        draft_lm = load_draft(str(draft), dtype, device)
+        draft_lm = load_draft(str(draft), dtype, device, quantize)
     if cross_tokenizer:
         return CrossTokenizerDrafter(draft_lm, lm, num_draft_tokens, adaptive)
     if not vocab_compatible(lm.tokenizer, draft_lm.tokenizer):
@@ -211,12 +212,13 @@ def build_drafter(
 
 
 def load_draft(
-    draft: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"
+    draft: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> LM:
     """Load a draft model; any failure becomes one line that names the draft."""
     from draftlm.load import load
 
     try:
-        return load(draft, dtype=dtype, device=device)
+        return load(draft, dtype=dtype, device=device, quantize=quantize)
     except (DraftlmError, OSError, ValueError, KeyError) as err:
         raise DraftlmError(f"cannot load draft model {draft!r}: {err}") from err

@@ -30,6 +30,8 @@ import numpy as np
 
 from draftlm.errors import DraftlmError
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
+from draftlm.flags import add_load_flags
+from draftlm.quantize import QUANTIZE_MODES
 
 if TYPE_CHECKING:
     from draftlm.generate import GenerationResult
@@ -303,6 +305,8 @@ def cmd_humaneval(
     num_draft_tokens: int = 5,
     dtype: str = "auto",
     device: str = "cpu",
+    quantize: str = "none",
+    draft_quantize: str | None = None,
     problems_file: str | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -318,17 +322,19 @@ def cmd_humaneval(
         raise DraftlmError("only greedy runs (--temperature 0) must give equal answers; "
                            "drop --check-draft/--compare or the temperature")
     problems = load_problems(problems_file, limit)
-    lm = load(model, dtype=dtype, device=device)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
     common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                   seed=seed, limits=limits, workers=workers, resume=resume)
-    report: dict[str, Any] = {"model": lm.name, "draft": draft, "ngram": ngram}
+    report: dict[str, Any] = {"model": lm.name, "draft": draft, "ngram": ngram,
+                              "quantize": quantize}
     plain: list[Sample] | None = None
     if not speculative or check_draft:
         report["target"], plain = run(lm, problems, folder, name="samples", **common)
     if speculative:
-        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device, ngram=ngram)
+        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device, ngram=ngram,
+                                quantize=draft_quantize or quantize)
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:
@@ -345,7 +351,7 @@ def cmd_humaneval(
 
 
 def build_drafter(lm: LM, draft: str | None, num_draft_tokens: int, dtype: str, device: str,
-                  ngram: int | None = None) -> Any:
+                  ngram: int | None = None, quantize: str = "none") -> Any:
     """The drafter for speculative decoding (from `draftlm.speculative`): a draft model, or
     prompt lookup with n-grams of size `ngram`."""
     try:
@@ -355,7 +361,7 @@ def build_drafter(lm: LM, draft: str | None, num_draft_tokens: int, dtype: str, 
             raise
         raise DraftlmError("speculative decoding is not available in this build") from err
     return build(lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
-                 adaptive=True, dtype=dtype, device=device)
+                 adaptive=True, dtype=dtype, device=device, quantize=quantize)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -380,8 +386,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="programs run at once (default: CPU count)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="per-program time limit")
     p.add_argument("--num-draft-tokens", type=int, default=5)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
+    add_load_flags(p)
+    p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
+                   help="quantization of the draft model (default: --quantize)")
     p.add_argument("--problems-file", help="HumanEval-format JSONL(.gz) instead of the package's")
     p.add_argument("--resume", action="store_true",
                    help="keep the completions already in --out (same settings) and go on")

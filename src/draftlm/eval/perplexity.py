@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from draftlm.errors import DraftlmError
+from draftlm.flags import add_load_flags
 
 if TYPE_CHECKING:
     from draftlm.load import LM
@@ -117,6 +118,7 @@ def cmd_perplexity(
     out: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """`draftlm eval perplexity`: perplexity and bits-per-byte of `model` on `files`."""
     from rich.progress import track
@@ -127,7 +129,7 @@ def cmd_perplexity(
     for path in paths:
         if not path.is_file():
             raise DraftlmError(f"no file {path}; pass text files to score")
-    lm = load(model, dtype=dtype, device=device)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
     check_window(max_seq_len, stride, lm.config.max_seq_len)
     start = time.perf_counter()
     scores = []
@@ -142,6 +144,7 @@ def cmd_perplexity(
                       sum(s.num_bytes for s in scores), sum(s.nll_nats for s in scores))
     report = {
         "model": lm.name, "max_seq_len": max_seq_len, "stride": stride, "dtype": str(lm.dtype),
+        "quantize": lm.quantization,
         **{k: v for k, v in total.to_dict().items() if k != "name"},
         "num_files": len(scores), "elapsed_s": round(elapsed, 3),
         "tokens_per_second": round(total.num_tokens / elapsed, 1) if elapsed > 0 else 0.0,
@@ -165,6 +168,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per window")
     p.add_argument("--stride", type=int, default=512, help="new tokens scored per window")
     p.add_argument("--out", help="write the report (with per-file figures) to this JSON file")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    add_load_flags(p, dtype="float32")
     p.set_defaults(func=cmd_perplexity)

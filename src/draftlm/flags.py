@@ -1,0 +1,64 @@
+"""Command-line flags shared by the commands that load a model and maybe a drafter.
+
+`generate`, `serve`, `bench` and `eval` take the same loading and drafting flags; they are
+declared once here so that their names, defaults and help never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from draftlm.quantize import QUANTIZE_MODES
+
+if TYPE_CHECKING:
+    from draftlm.load import LM
+    from draftlm.speculative import Drafter
+
+
+def add_load_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    """--dtype, --device, --quantize."""
+    p.add_argument("--dtype", default=dtype, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="quantize the linear layers (CPU int8 / int4 kernels)")
+
+
+def add_draft_flags(p: argparse.ArgumentParser) -> None:
+    """--draft or --ngram, and how the drafter runs."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--draft", help="draft model for speculative decoding")
+    group.add_argument("--ngram", type=int, help="prompt-lookup drafting with n-grams of this size")
+    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length k")
+    p.add_argument("--fixed", dest="adaptive", action="store_false",
+                   help="keep the draft length fixed (default: adaptive)")
+    p.add_argument("--draft-dtype", help="dtype of the draft model (default: --dtype)")
+    p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
+                   help="quantization of the draft model (default: --quantize)")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="the draft has another tokenizer: draft through re-tokenized text")
+
+
+def drafter_from_flags(
+    lm: LM,
+    draft: str | None,
+    ngram: int | None,
+    num_draft_tokens: int = 5,
+    adaptive: bool = True,
+    dtype: str = "auto",
+    draft_dtype: str | None = None,
+    quantize: str = "none",
+    draft_quantize: str | None = None,
+    device: str = "cpu",
+    cross_tokenizer: bool = False,
+) -> Drafter | None:
+    """The drafter the flags ask for, or None for plain decoding."""
+    if draft is None and ngram is None:
+        return None
+    from draftlm.speculative import build_drafter
+
+    return build_drafter(
+        lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens, adaptive=adaptive,
+        dtype=draft_dtype or dtype, device=device, cross_tokenizer=cross_tokenizer,
+        quantize=draft_quantize or quantize,
+    )

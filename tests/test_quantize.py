@@ -1,0 +1,145 @@
+"""Quantized linear layers: close to the float layer, batch-invariant (int8), and a
+quantized target keeps greedy speculative decoding equal to greedy AR token for token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import make_tiny_lm
+
+from draftlm.cli import main
+from draftlm.drafters import ModelDrafter, NgramDrafter
+from draftlm.errors import DraftlmError
+from draftlm.generate import generate
+from draftlm.hf_checkpoint import save_hf_folder
+from draftlm.load import LM, load
+from draftlm.quantize import Int4Linear, Int8Linear, quantize_model
+
+PROMPT = "def add(a, b):\n    return a + b\n\ndef add"
+
+
+def random_linear(in_f: int = 256, out_f: int = 96, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())  # inputs come from no_grad or plain tensors
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_close_to_the_float_layer(bias: bool) -> None:
+    lin = random_linear(bias=bias)
+    x = torch.randn(5, 3, 256)
+    with torch.no_grad():
+        error = relative_error(Int8Linear(lin)(x), lin(x))
+    assert error < 0.02  # 7-bit weights, 8-bit activations per row
+
+
+def test_int8_rows_do_not_depend_on_the_batch() -> None:
+    """fbgemm quantizes a batch with one scale; the per-row pinning makes each row exact."""
+    layer = Int8Linear(random_linear())
+    x = torch.randn(6, 256)
+    x[2] *= 100  # one row with a much larger range must not change the others
+    together = layer(x)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(6)])
+    assert torch.equal(together, alone)
+
+
+def test_int8_keeps_the_input_dtype() -> None:
+    layer = Int8Linear(random_linear())
+    assert layer(torch.randn(2, 256, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_is_close_to_the_float_layer(bias: bool) -> None:
+    lin = random_linear(bias=bias)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        error = relative_error(Int4Linear(lin)(x), lin(x))
+    assert error < 0.15  # 16 levels per group of 32
+
+
+def test_int4_needs_whole_groups() -> None:
+    with pytest.raises(DraftlmError, match="divisible by 32"):
+        Int4Linear(nn.Linear(40, 8))
+
+
+def test_unknown_mode_is_a_clear_error(tiny_lm: LM) -> None:
+    with pytest.raises(DraftlmError, match="unknown --quantize 'int3'"):
+        quantize_model(tiny_lm.model, "int3")
+
+
+def quantized_tiny(mode: str, seed: int = 0) -> LM:
+    lm = make_tiny_lm(seed, eos_ids=())
+    lm.tokenizer.eos_ids = ()
+    quantize_model(lm.model, mode)
+    return lm
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_linear_is_replaced_and_logits_stay_close(mode: str) -> None:
+    plain = make_tiny_lm(0)
+    # Trained-model-like weights (the fixture's std 0.5 makes a chaotic random network).
+    plain.model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    quant = copy.deepcopy(plain)
+    quantize_model(quant.model, mode)
+    assert not any(isinstance(m, nn.Linear) for m in quant.model.modules())
+    ids = torch.tensor([list(PROMPT.encode())])
+    with torch.no_grad():
+        ref, got = plain.model(ids), quant.model(ids)
+    assert relative_error(got, ref) < (0.05 if mode == "int8" else 0.3)
+    assert quant.quantization == mode
+
+
+def test_int8_verify_pass_equals_one_token_steps_bit_for_bit() -> None:
+    """The property that makes quantized speculative decoding exact: a multi-token pass over
+    the cache gives each token the logits a one-token decode step would."""
+    model = quantized_tiny("int8").model
+    ids = torch.tensor([list(PROMPT.encode())])
+    model.setup_cache(1, 128)
+    with torch.no_grad():
+        model(ids[:, :20], start_pos=0)
+        together = model(ids[:, 20:26], start_pos=20)
+        model.rollback(20)
+        steps = [model(ids[:, i : i + 1], start_pos=i) for i in range(20, 26)]
+    assert torch.equal(together, torch.cat(steps, dim=1))
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_int8_target_greedy_speculative_equals_greedy_ar(k: int) -> None:
+    target = quantized_tiny("int8")
+    draft = quantized_tiny("int8", seed=0)
+    with torch.no_grad():  # a draft that disagrees sometimes
+        for param in draft.model.parameters():
+            param.add_(torch.randn_like(param) * 0.02 * param.std())
+    expected = generate(target, PROMPT, max_new_tokens=40).token_ids
+    got = generate(target, PROMPT, max_new_tokens=40,
+                   drafter=ModelDrafter(draft, target, k, adaptive=False))
+    assert got.token_ids == expected
+    assert got.stats["target_forwards"] < 40
+    ngram = generate(target, PROMPT, max_new_tokens=40, drafter=NgramDrafter(2, k))
+    assert ngram.token_ids == expected
+
+
+def test_load_and_cli_take_quantize(tmp_path, capsys) -> None:
+    lm = make_tiny_lm(0)
+    save_hf_folder(tmp_path / "m", lm.config, dict(lm.model.state_dict()), lm.tokenizer)
+    assert load(tmp_path / "m", dtype="float32", quantize="int8").quantization == "int8"
+    with pytest.raises(DraftlmError, match="unknown quantize"):
+        load(tmp_path / "m", quantize="fp8")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--quantize", "int8",
+                 "--max-new-tokens", "5", "--json", "--ngram", "2", "hello"]) == 0
+    assert '"num_new_tokens": 5' in capsys.readouterr().out
+
+
+def test_a_quantized_model_is_not_saved(tmp_path) -> None:
+    lm = quantized_tiny("int8")
+    with pytest.raises(DraftlmError, match="cannot save a quantized model"):
+        save_hf_folder(tmp_path / "q", lm.config, lm.model, lm.tokenizer)
+    assert not (tmp_path / "q").exists()
