@@ -59,6 +59,12 @@ def test_prompt_longer_than_context_is_a_user_error() -> None:
         generate(lm, "a" * 40, max_new_tokens=4)
 
 
+def test_prompt_with_undecodable_bytes_is_a_user_error(tiny_lm) -> None:
+    bad = b"def f():\xff".decode("utf-8", "surrogateescape")  # how argv carries such bytes
+    with pytest.raises(DraftlmError, match="not valid UTF-8 text"):
+        generate(tiny_lm, bad, max_new_tokens=2)
+
+
 def test_chat_uses_the_template(tiny_lm) -> None:
     seen = []
     result = generate(tiny_lm, "hi", max_new_tokens=3, chat=True, on_text=seen.append)

@@ -273,8 +273,9 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                   ylim=(0, 1.05))
     for ax in (ax_speed, ax_accept):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_speed.legend(fontsize=7)
-    ax_accept.legend(fontsize=7)
+    for ax in (ax_speed, ax_accept):
+        if ax.get_legend_handles_labels()[0]:  # an AR-only run has no acceptance lines
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
