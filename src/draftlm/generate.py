@@ -149,14 +149,6 @@ class OutputTracker:
 def encode_prompt(lm: LM, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
     """Prompt token ids; a chat prompt goes through the model's chat template first."""
     if isinstance(prompt, str):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            # Bytes that are not UTF-8 (in argv or a file) arrive as lone surrogates.
-            raise DraftlmError(
-                f"the prompt is not valid UTF-8 text (undecodable byte at character "
-                f"{err.start})"
-            ) from None
         if chat:
             rendered = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             # The template writes BOS itself when the model wants one.

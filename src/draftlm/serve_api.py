@@ -169,13 +169,13 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def completion_prompt_ids(lm: LM, prompt: str | list[str] | list[int]) -> list[int]:
     """Token ids of a completions prompt: a string, a list of one string, or token ids."""
     if isinstance(prompt, str):
-        return lm.tokenizer.encode(check_unicode(prompt, "prompt"))
+        return encode(lm, prompt, "prompt")
     if not prompt:
         raise APIError(400, "the prompt is empty", param="prompt")
     if all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
             raise APIError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
-        return lm.tokenizer.encode(check_unicode(prompt[0], "prompt"))
+        return encode(lm, prompt[0], "prompt")
     vocab = lm.config.vocab_size
     if any(not 0 <= t < vocab for t in prompt):  # type: ignore[operator]
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -192,17 +192,16 @@ def chat_prompt_ids(lm: LM, messages: list[dict[str, str]]) -> list[int]:
         # conversation format.
         raise APIError(400, str(err), param="messages") from None
     # The template writes BOS itself when the model wants one (as generate(chat=True)).
-    return lm.tokenizer.encode(check_unicode(rendered, "messages"), add_bos=False)
+    return encode(lm, rendered, "messages", add_bos=False)
 
 
-def check_unicode(text: str, param: str) -> str:
-    """JSON can carry lone UTF-16 surrogates (\\ud800) that no tokenizer can encode."""
+def encode(lm: LM, text: str, param: str, add_bos: bool | None = None) -> list[int]:
+    """Token ids of client text; JSON can carry lone UTF-16 surrogates (\\ud800) that no
+    tokenizer can encode, which the tokenizer reports and this names as the client's field."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"{param} is not valid Unicode: {err.reason} at position "
-                       f"{err.start}", param=param) from None
-    return text
+        return lm.tokenizer.encode(text, add_bos=add_bos)
+    except DraftlmError as err:
+        raise APIError(400, f"{param}: {err}", param=param) from None
 
 
 # ---- responses -----------------------------------------------------------------------------

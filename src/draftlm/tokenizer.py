@@ -50,7 +50,19 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when the model expects it (or `add_bos` says)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # Bytes that are not UTF-8 (in argv, a file, or JSON's \ud800) arrive as lone
+            # surrogates, which the tokenizers library refuses with a bare TypeError.
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DraftlmError(
+                    f"not valid UTF-8 text: an undecodable byte or lone surrogate at "
+                    f"character {err.start}"
+                ) from None
+            raise
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
