@@ -72,6 +72,10 @@ class BenchRow:
     def tokens_per_second(self) -> float:
         return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def count_same(self, other: BenchRow) -> int:
+        """Prompts on which `other` produced exactly this row's tokens."""
+        return sum(a == b for a, b in zip(self.outputs, other.outputs, strict=True))
+
     def summary(self, ar_tokens_per_second: float) -> dict[str, Any]:
         spec = self.config.kind in ("draft", "ngram", "cross")
         return {
@@ -212,8 +216,7 @@ def run_bench(
         row = run_config(lm, config, prompt_ids, max_new_tokens, make_drafter, temperature,
                          seed)
         if rows and rows[0].config.kind == "ar":
-            row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
-                                                        strict=True))
+            row.same_as_ar = rows[0].count_same(row)
         rows.append(row)
         if log:
             log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
@@ -273,7 +276,6 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                   ylim=(0, 1.05))
     for ax in (ax_speed, ax_accept):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (ax_speed, ax_accept):
         if ax.get_legend_handles_labels()[0]:  # an AR-only run has no acceptance lines
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -384,7 +386,7 @@ def cmd_bench(
         variant = load(model, dtype=variant_dtype, device=device, quantize=variant_quantize)
         row = run_config(variant, config, prompt_ids, max_new_tokens, lambda _: None,
                          temperature, seed)
-        row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs, strict=True))
+        row.same_as_ar = rows[0].count_same(row)
         rows.append(row)
         log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
         del variant
@@ -399,11 +401,9 @@ def cmd_bench(
         from draftlm.bench_peer import run_hf_peer
 
         peer_rows += run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
-    if peer_rows:
-        for row in peer_rows:
-            row.same_as_ar = sum(a == b for a, b in zip(rows[0].outputs, row.outputs,
-                                                        strict=True))
-        rows += peer_rows
+    for row in peer_rows:
+        row.same_as_ar = rows[0].count_same(row)
+    rows += peer_rows
     meta = {
         "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),

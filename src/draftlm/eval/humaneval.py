@@ -30,7 +30,7 @@ import numpy as np
 
 from draftlm.errors import DraftlmError
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
-from draftlm.flags import add_load_flags
+from draftlm.flags import add_load_flags, drafter_from_flags
 from draftlm.quantize import QUANTIZE_MODES
 
 if TYPE_CHECKING:
@@ -333,8 +333,9 @@ def cmd_humaneval(
     if not speculative or check_draft:
         report["target"], plain = run(lm, problems, folder, name="samples", **common)
     if speculative:
-        drafter = build_drafter(lm, draft, num_draft_tokens, dtype, device, ngram=ngram,
-                                quantize=draft_quantize or quantize)
+        drafter = drafter_from_flags(lm, draft, ngram, num_draft_tokens, True, dtype,
+                                     quantize=quantize, draft_quantize=draft_quantize,
+                                     device=device)
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:
@@ -348,20 +349,6 @@ def cmd_humaneval(
     (folder / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
-
-
-def build_drafter(lm: LM, draft: str | None, num_draft_tokens: int, dtype: str, device: str,
-                  ngram: int | None = None, quantize: str = "none") -> Any:
-    """The drafter for speculative decoding (from `draftlm.speculative`): a draft model, or
-    prompt lookup with n-grams of size `ngram`."""
-    try:
-        from draftlm.speculative import build_drafter as build
-    except ModuleNotFoundError as err:
-        if err.name != "draftlm.speculative":
-            raise
-        raise DraftlmError("speculative decoding is not available in this build") from err
-    return build(lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens,
-                 adaptive=True, dtype=dtype, device=device, quantize=quantize)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

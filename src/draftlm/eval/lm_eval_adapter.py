@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from draftlm.errors import DraftlmError
+from draftlm.flags import drafter_from_flags
 
 MODEL_NAME = "draftlm"
 DEFAULT_MAX_LENGTH = 4096
@@ -88,11 +89,7 @@ def adapter_class() -> type:
                                    f"{lm.config.max_seq_len}")
             self.max_gen_toks = int(max_gen_toks)
             self.add_bos = lm.tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
-            self.drafter = None
-            if draft is not None:
-                from draftlm.eval.humaneval import build_drafter
-
-                self.drafter = build_drafter(lm, draft, 5, dtype, device)
+            self.drafter = drafter_from_flags(lm, draft, None, 5, True, dtype, device=device)
 
         @property
         def eot_token_id(self) -> int:
