@@ -37,23 +37,42 @@ QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
 
 
-def _check_cpu(weight: Tensor, mode: str) -> None:
-    if weight.device.type != "cpu":
-        raise DraftlmError(
-            f"--quantize {mode} uses PyTorch's CPU kernels; on {weight.device.type} use "
-            "--quantize none with --dtype bfloat16"
-        )
+class _QuantizedLinear(nn.Module):
+    """What the quantized layers share: the CPU check, the float bias, the output epilogue."""
 
-
-class Int8Linear(nn.Module):
-    """`y = x @ W.T + b` with int8 weights and per-row int8 activations (fbgemm)."""
-
-    WEIGHT_MAX = 63  # 7-bit weights: u8 x s8 pair sums stay within int16 (see module doc)
+    mode = ""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        device = linear.weight.device
+        if device.type != "cpu":
+            raise DraftlmError(
+                f"--quantize {self.mode} uses PyTorch's CPU kernels; on {device.type} use "
+                "--quantize none with --dtype bfloat16"
+            )
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _output(self, y: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """Float32 rows `y` -> bias added, the input's dtype and leading dimensions."""
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class Int8Linear(_QuantizedLinear):
+    """`y = x @ W.T + b` with int8 weights and per-row int8 activations (fbgemm)."""
+
+    mode = "int8"
+    WEIGHT_MAX = 63  # 7-bit weights: u8 x s8 pair sums stay within int16 (see module doc)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
         weight = linear.weight.detach()
-        _check_cpu(weight, "int8")
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise DraftlmError("--quantize int8 needs PyTorch's fbgemm engine (x86 CPUs)")
         torch.backends.quantized.engine = "fbgemm"
@@ -68,10 +87,7 @@ class Int8Linear(nn.Module):
                 q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("pins", torch.tensor([[1.0, -1.0]]), persistent=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
@@ -79,22 +95,17 @@ class Int8Linear(nn.Module):
         peak = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         pinned = torch.cat([rows / peak, self.pins.expand(rows.shape[0], 2)], 1)
         y = torch.ops.quantized.linear_dynamic(pinned, self._packed, False)
-        y = y * peak
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(dtype).reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return self._output(y * peak, shape, dtype)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """Weight-only int4 (groups of 32, scale and zero point per group), bf16 activations."""
 
+    mode = "int4"
+
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP) -> None:
-        super().__init__()
+        super().__init__(linear)
         weight = linear.weight.detach()
-        _check_cpu(weight, "int4")
         out_f, in_f = weight.shape
         if in_f % group_size:
             raise DraftlmError(f"--quantize int4 needs in_features divisible by {group_size}, "
@@ -110,23 +121,17 @@ class Int4Linear(nn.Module):
         scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous()
                              .to(torch.bfloat16), persistent=False)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
         self.group_size = group_size
-        self.in_features, self.out_features = in_f, out_f
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
                                               self.scales_zeros).float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+        return self._output(y, shape, dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 g{self.group_size}")
+        return f"{super().extra_repr()} g{self.group_size}"
 
 
 def _concat(linears: list[nn.Linear]) -> nn.Linear:
