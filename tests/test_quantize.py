@@ -68,6 +68,8 @@ def test_int4_linear_is_close_to_the_float_layer(bias: bool) -> None:
 def test_int4_needs_whole_groups() -> None:
     with pytest.raises(DraftlmError, match="divisible by 32"):
         Int4Linear(nn.Linear(40, 8))
+    with pytest.raises(DraftlmError, match="out_features by 16"):
+        Int4Linear(nn.Linear(64, 8))
 
 
 def test_unknown_mode_is_a_clear_error(tiny_lm: LM) -> None:

@@ -107,9 +107,10 @@ class Int4Linear(_QuantizedLinear):
         super().__init__(linear)
         weight = linear.weight.detach()
         out_f, in_f = weight.shape
-        if in_f % group_size:
-            raise DraftlmError(f"--quantize int4 needs in_features divisible by {group_size}, "
-                               f"got {in_f}")
+        if in_f % group_size or out_f % 16:
+            raise DraftlmError(f"--quantize int4 needs in_features divisible by {group_size} "
+                               f"and out_features by 16 (the kernel's tiles), got {in_f} x "
+                               f"{out_f}")
         w = weight.float().reshape(out_f, in_f // group_size, group_size)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
