@@ -17,7 +17,7 @@ from draftlm.tokenizer import Tokenizer
 def byte_tokenizer(chat_template: str | None = None) -> Tokenizer:
     """One token per byte (256 ids, the `tiny` preset's vocabulary); id 0 doubles as EOS."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
+    byte_to_char = bytes_to_unicode()
     assert set(byte_to_char.values()) == set(alphabet)
     vocab = {byte_to_char[b]: b for b in range(256)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
