@@ -10,7 +10,7 @@ import torch
 from test_drafters import permuted_draft
 from test_speculative import no_eos_lm, noisy_copy
 
-from draftlm.bench import BenchConfig, load_prompts, parse_ks, parse_variant, plan
+from draftlm.bench import ARVariant, BenchConfig, load_prompts, parse_ks, parse_variant, plan
 from draftlm.cli import main
 from draftlm.errors import DraftlmError
 from draftlm.hf_checkpoint import save_hf_folder
@@ -130,9 +130,12 @@ def test_quantized_bench_with_ar_rows_at_other_precisions(folders, tmp_path) -> 
 
 
 def test_parse_variant() -> None:
-    assert parse_variant("bfloat16", "auto") == ("bfloat16", "none")
-    assert parse_variant("int8", "float32") == ("float32", "int8")
-    assert parse_variant("float32+int4", "auto") == ("float32", "int4")
+    assert parse_variant("bfloat16", "auto") == ARVariant("bfloat16", "none")
+    assert parse_variant("int8", "float32") == ARVariant("float32", "int8")
+    assert parse_variant("float32+int4", "auto") == ARVariant("float32", "int4")
+    compiled = parse_variant("int8+compile", "float32")
+    assert compiled == ARVariant("float32", "int8", compiled=True)
+    assert compiled.label == "float32+int8+compile"
     with pytest.raises(DraftlmError, match="neither a dtype"):
         parse_variant("fp8", "auto")
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_tiny_lm
 
 from draftlm.cli import main
+from draftlm.errors import DraftlmError
 from draftlm.generate import generate
 from draftlm.hf_checkpoint import save_hf_folder
 
@@ -53,6 +54,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["generate", "--model", "{folder}", "x" * 400], "context is 256"),
         (["generate", "--model", "{folder}", "hi", "--temperature", "-1"], "temperature"),
         (["generate", "--model", "{folder}", "hi", "--dtype", "int3"], "unknown dtype"),
+        (["generate", "--model", "{folder}", "hi", "--compile", "draft"],
+         "--compile draft needs a draft model"),
+        (["bench", "--model", "{folder}", "--ngram", "2", "--compile", "draft"],
+         "--compile draft needs a draft model"),
     ],
 )
 def test_user_errors_are_one_line(tiny_folder, args, message) -> None:
@@ -69,3 +74,11 @@ def test_corrupt_gguf_is_one_line(tmp_path) -> None:
     result = run_cli("generate", "--model", str(path), "hi")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tiny_folder, monkeypatch) -> None:
+    from draftlm.load import load
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(DraftlmError, match="needs a C\\+\\+ compiler"):
+        load(tiny_folder[0], compile_step=True)

@@ -5,6 +5,7 @@ import torch
 
 from draftlm.config import ModelConfig, RopeScaling
 from draftlm.model import Transformer
+from conftest import make_tiny_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,3 +130,32 @@ def test_cuda_matches_cpu() -> None:
         cpu = model(ids)
         gpu = model.cuda()(ids.cuda()).cpu()
     assert (cpu - gpu).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
+    """One graph serves every position; logits equal eager ones to float rounding."""
+    import torch._dynamo
+
+    model = make_tiny_lm(seed=3).model
+    ids = torch.randint(1, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    eager_logits, compiled_logits = [], []
+    with torch.inference_mode():
+        model.setup_cache(1, 32)
+        model(ids[:, :4], start_pos=0)
+        for pos in range(4, 9):
+            eager_logits.append(model(ids[:, pos : pos + 1], start_pos=pos))
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.compile_decode_step()
+        model.setup_cache(1, 32)
+        model(ids[:, :4], start_pos=0)  # the prompt pass stays eager
+        for pos in range(4, 9):
+            compiled_logits.append(model(ids[:, pos : pos + 1], start_pos=pos))
+            assert model.cache_len == pos + 1
+        model.rollback(6)  # a step after a rollback overwrites the cache as eager does
+        again = model(ids[:, 6:7], start_pos=6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for eager, compiled in zip(eager_logits, compiled_logits, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, eager_logits[2], atol=1e-4, rtol=1e-4)

@@ -145,3 +145,28 @@ def test_a_quantized_model_is_not_saved(tmp_path) -> None:
     with pytest.raises(DraftlmError, match="cannot save a quantized model"):
         save_hf_folder(tmp_path / "q", lm.config, lm.model, lm.tokenizer)
     assert not (tmp_path / "q").exists()
+
+
+def test_int8_packed_weights_are_freed_with_their_layer() -> None:
+    import gc
+
+    from draftlm import quantize
+
+    layer = Int8Linear(nn.Linear(64, 32))
+    handle = layer._handle
+    assert handle in quantize._PACKED
+    del layer
+    gc.collect()
+    assert handle not in quantize._PACKED
+
+
+@pytest.mark.slow
+def test_int8_layer_compiles_to_the_same_bits() -> None:
+    """torch.compile reaches fbgemm through the draftlm::int8_linear custom op."""
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(96, 48, bias=True))
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True)(x)
+    assert torch.equal(eager, compiled)

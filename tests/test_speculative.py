@@ -86,6 +86,19 @@ def test_greedy_model_draft_equals_plain_greedy(pair, k: int, adaptive: bool) ->
         stats["num_accepted"] / stats["num_drafted"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_a_compiled_draft_keeps_greedy_output_exact() -> None:
+    """`--compile draft`: the draft's steps are compiled, the target stays eager."""
+    target = no_eos_lm(0)
+    draft = noisy_copy(target)
+    draft.model.compile_decode_step()
+    expected = generate(target, PROMPT, max_new_tokens=40).token_ids
+    result = generate(target, PROMPT, max_new_tokens=40,
+                      drafter=ModelDrafter(draft, target, 4, adaptive=True))
+    assert result.token_ids == expected
+    assert 0 < result.stats["num_accepted"] < result.stats["num_drafted"]
+
+
 def test_identical_draft_is_always_accepted() -> None:
     target = no_eos_lm(0)
     result = generate(target, PROMPT, max_new_tokens=30,

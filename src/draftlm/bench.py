@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from draftlm.errors import DraftlmError
+from draftlm.flags import COMPILE_MODES, check_compile_mode
 from draftlm.generate import GenerationResult, generate
 from draftlm.load import DTYPES, LM, load, resolve_dtype
 from draftlm.quantize import QUANTIZE_MODES
@@ -129,19 +130,35 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
 PEERS = ("hf", "llama.cpp")
 
 
-def parse_variant(variant: str, default_dtype: str) -> tuple[str, str]:
-    """`bfloat16` -> (bfloat16, none); `int8` -> (default dtype, int8); `float32+int4`."""
-    dtype, quantize = default_dtype, "none"
+@dataclass(frozen=True)
+class ARVariant:
+    """An extra AR row of the target: its dtype, quantization, and compiled decode step."""
+
+    dtype: str
+    quantize: str = "none"
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.dtype] + [self.quantize] * (self.quantize != "none")
+        return "+".join(parts + ["compile"] * self.compiled)
+
+
+def parse_variant(variant: str, default_dtype: str) -> ARVariant:
+    """`bfloat16`; `int8` (default dtype); `float32+int4`; `int8+compile` (compiled step)."""
+    dtype, quantize, compiled = default_dtype, "none", False
     for part in variant.split("+"):
         if part in QUANTIZE_MODES:
             quantize = part
         elif part in DTYPES or part == "auto":
             dtype = part
+        elif part == "compile":
+            compiled = True
         else:
             raise DraftlmError(f"--also-ar {variant!r}: {part!r} is neither a dtype "
-                               f"({', '.join(DTYPES)}) nor a quantization "
-                               f"({', '.join(QUANTIZE_MODES)})")
-    return dtype, quantize
+                               f"({', '.join(DTYPES)}), a quantization "
+                               f"({', '.join(QUANTIZE_MODES)}) nor 'compile'")
+    return ARVariant(dtype, quantize, compiled)
 
 
 def parse_ks(k: str | Sequence[int]) -> list[int]:
@@ -334,13 +351,17 @@ def cmd_bench(
     peer: Sequence[str] = (),
     out: str = "bench-results",
     threads: int | None = None,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """Benchmark AR against every speculative configuration; write JSON, markdown, PNG.
 
     `threads` sets torch's intra-op threads for every row alike (on a CPU shared with other
     work, one thread can beat two that wait on each other). `also_ar` adds AR rows of the
     target at other precisions (`bfloat16`, `float32+int8`, `int4`, ...), so that a
-    quantized run is compared with unquantized decoding in the same run."""
+    quantized run is compared with unquantized decoding in the same run. `compile_mode`
+    (none, draft, all) compiles the one-token step of the drafts or of every model; the
+    untimed warm-up of each configuration takes the compile."""
+    check_compile_mode(compile_mode, draft[0] if draft or cross_draft else None)
     ks = parse_ks(k)
     variants = [parse_variant(v, dtype) for v in also_ar]
     if threads is not None:
@@ -363,8 +384,10 @@ def cmd_bench(
 
     from draftlm.speculative import load_draft
 
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
-    draft_lms = {d: load_draft(d, draft_dtype or dtype, device, draft_quantize or quantize)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize,
+              compile_step=compile_mode == "all")
+    draft_lms = {d: load_draft(d, draft_dtype or dtype, device, draft_quantize or quantize,
+                               compile_step=compile_mode != "none")
                  for d in dict.fromkeys([*draft, *cross_draft])}
     from draftlm.drafters import vocab_compatible
 
@@ -380,10 +403,10 @@ def cmd_bench(
     prompt_ids = [lm.tokenizer.encode(p) for p in texts]
     del lm, draft_lms
     gc.collect()  # two copies of the target do not fit a small machine
-    for variant_dtype, variant_quantize in variants:
-        config = BenchConfig("ar-variant", f"{variant_dtype}+{variant_quantize}"
-                             if variant_quantize != "none" else variant_dtype)
-        variant = load(model, dtype=variant_dtype, device=device, quantize=variant_quantize)
+    for spec in variants:
+        config = BenchConfig("ar-variant", spec.label)
+        variant = load(model, dtype=spec.dtype, device=device, quantize=spec.quantize,
+                       compile_step=spec.compiled)
         row = run_config(variant, config, prompt_ids, max_new_tokens, lambda _: None,
                          temperature, seed)
         row.same_as_ar = rows[0].count_same(row)
@@ -408,6 +431,7 @@ def cmd_bench(
         "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
         "quantize": quantize, "draft_quantize": draft_quantize or quantize,
+        "compile": compile_mode,
         "device": device, "torch_threads": torch.get_num_threads(),
         "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
     }
@@ -443,7 +467,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="quantization of the draft models (default: --quantize)")
     p.add_argument("--also-ar", action="append", default=[], metavar="VARIANT",
                    help="an extra AR row of the target at another precision: DTYPE, QUANT "
-                        "or DTYPE+QUANT (e.g. bfloat16, int8, float32+int4); repeatable")
+                        "or DTYPE+QUANT, +compile for a compiled decode step (e.g. bfloat16, "
+                        "int8, float32+int4, int8+compile); repeatable")
+    p.add_argument("--compile", dest="compile_mode", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the one-token decode step of the drafts (draft) or of "
+                        "every model (all); the untimed warm-up takes the compile")
     p.add_argument("--device", default="cpu")
     p.add_argument("--peer", action="append", default=[], choices=PEERS,
                    help="add a peer's rows to the same run: hf (transformers' plain and "

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import add_draft_flags, add_load_flags, drafter_from_flags
+from draftlm.flags import (
+    add_draft_flags,
+    add_load_flags,
+    check_compile_mode,
+    drafter_from_flags,
+)
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
 # is missing (an optional part not installed) simply contributes nothing.
@@ -53,15 +58,18 @@ def cmd_generate(
     draft_dtype: str | None = None,
     draft_quantize: str | None = None,
     cross_tokenizer: bool = False,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
     from draftlm.generate import generate
     from draftlm.load import load
 
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    check_compile_mode(compile_mode, draft)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize,
+              compile_step=compile_mode == "all")
     drafter = drafter_from_flags(
         lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer,
+        draft_quantize, device, cross_tokenizer, compile_mode,
     )
 
     def stream(delta: str) -> None:

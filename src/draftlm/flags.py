@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from draftlm.errors import DraftlmError
 from draftlm.quantize import QUANTIZE_MODES
 
 if TYPE_CHECKING:
@@ -16,12 +17,24 @@ if TYPE_CHECKING:
     from draftlm.speculative import Drafter
 
 
-def add_load_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
-    """--dtype, --device, --quantize."""
+# Which models get a compiled one-token step (`Transformer.compile_decode_step`). "draft"
+# keeps the target eager, so greedy speculative output stays bit-identical to eager AR;
+# "all" also speeds up the target's own AR decoding, whose logits then match eager ones to
+# float rounding only.
+COMPILE_MODES = ("none", "draft", "all")
+
+
+def add_load_flags(p: argparse.ArgumentParser, dtype: str = "auto",
+                   compile_flag: bool = True) -> None:
+    """--dtype, --device, --quantize (and --compile for commands that decode)."""
     p.add_argument("--dtype", default=dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
                    help="quantize the linear layers (CPU int8 / int4 kernels)")
+    if compile_flag:
+        p.add_argument("--compile", dest="compile_mode", default="none", choices=COMPILE_MODES,
+                       help="torch.compile the one-token decode step of the draft model or of "
+                            "all models (the first run on a machine compiles for minutes)")
 
 
 def add_draft_flags(p: argparse.ArgumentParser) -> None:
@@ -39,6 +52,15 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
                    help="the draft has another tokenizer: draft through re-tokenized text")
 
 
+def check_compile_mode(compile_mode: str, draft: str | None) -> None:
+    """Reject --compile values that would do nothing, before any model loads."""
+    if compile_mode not in COMPILE_MODES:
+        raise DraftlmError(f"unknown --compile {compile_mode!r}; use one of "
+                           f"{', '.join(COMPILE_MODES)}")
+    if compile_mode == "draft" and draft is None:
+        raise DraftlmError("--compile draft needs a draft model (--draft)")
+
+
 def drafter_from_flags(
     lm: LM,
     draft: str | None,
@@ -51,8 +73,10 @@ def drafter_from_flags(
     draft_quantize: str | None = None,
     device: str = "cpu",
     cross_tokenizer: bool = False,
+    compile_mode: str = "none",
 ) -> Drafter | None:
     """The drafter the flags ask for, or None for plain decoding."""
+    check_compile_mode(compile_mode, draft)
     if draft is None and ngram is None:
         return None
     from draftlm.speculative import build_drafter
@@ -60,5 +84,5 @@ def drafter_from_flags(
     return build_drafter(
         lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens, adaptive=adaptive,
         dtype=draft_dtype or dtype, device=device, cross_tokenizer=cross_tokenizer,
-        quantize=draft_quantize or quantize,
+        quantize=draft_quantize or quantize, compile_step=compile_mode in ("draft", "all"),
     )

@@ -9,6 +9,7 @@ the weights are assigned, so a large model is never allocated twice.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return DTYPES[dtype]
 
 
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on a CPU writes C++: say so before loading, not at the first token."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise DraftlmError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
+
+
 def build_model(
     config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
     device: str | torch.device,
@@ -124,19 +131,23 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device = "cpu",
     quantize: str = "none",
+    compile_step: bool = False,
 ) -> LM:
     """Load a model by registry name, GGUF file or HF folder.
 
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
     GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
     `quantize` (none, int8, int4) replaces the linear layers by CPU-quantized ones
-    (`draftlm.quantize`)."""
+    (`draftlm.quantize`). `compile_step` runs one-token decode steps through torch.compile
+    (`Transformer.compile_decode_step`)."""
     from draftlm.quantize import QUANTIZE_MODES, quantize_model
     from draftlm.registry import REAL_MODELS
 
     if quantize not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
 
+    if compile_step:
+        check_compiler(torch.device(device))
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, device)
     source = str(name_or_path)
@@ -164,5 +175,7 @@ def load(
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
     quantize_model(model, quantize)
+    if compile_step:
+        model.compile_decode_step()
     return LM(model, tokenizer, config, config.name if config.name != "custom" else name,
               time.perf_counter() - start)

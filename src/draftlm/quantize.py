@@ -26,6 +26,7 @@ block scales do not map onto these kernels' layouts).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,24 @@ from draftlm.errors import DraftlmError
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
+
+# fbgemm's packed weights are a TorchScript object that torch.compile cannot trace through.
+# The compiled decode step (`Transformer.compile_decode_step`) therefore reaches them through
+# a custom op that takes an integer handle: the op is opaque to the compiler (its fake
+# implementation only gives the output shape) while the code around it is fused.
+_PACKED: dict[int, object] = {}
+_next_handle = 0
+
+
+@torch.library.custom_op("draftlm::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """fbgemm's dynamic int8 linear on float32 rows `x` with the packed weight `handle`."""
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], False)
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class _QuantizedLinear(nn.Module):
@@ -86,7 +105,12 @@ class Int8Linear(_QuantizedLinear):
             qweight = torch._make_per_channel_quantized_tensor(
                 q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
+        global _next_handle
+        self._handle = _next_handle
+        _next_handle += 1
+        _PACKED[self._handle] = packed
+        weakref.finalize(self, _PACKED.pop, self._handle, None)  # freed with the layer
         self.register_buffer("pins", torch.tensor([[1.0, -1.0]]), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -94,7 +118,7 @@ class Int8Linear(_QuantizedLinear):
         rows = x.reshape(-1, shape[-1]).float()
         peak = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         pinned = torch.cat([rows / peak, self.pins.expand(rows.shape[0], 2)], 1)
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, False)
+        y = int8_linear(pinned, self._handle, self.out_features)
         return self._output(y * peak, shape, dtype)
 
 

@@ -32,7 +32,12 @@ import os
 import sys
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import add_draft_flags, add_load_flags, drafter_from_flags
+from draftlm.flags import (
+    add_draft_flags,
+    add_load_flags,
+    check_compile_mode,
+    drafter_from_flags,
+)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
@@ -56,6 +61,7 @@ def serve(
     max_tokens_limit: int = 1024,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     shutdown_timeout_s: int = 30,
+    compile_mode: str = "none",
 ) -> None:
     """Load `model` (and a drafter when asked) and serve it until interrupted.
 
@@ -76,10 +82,12 @@ def serve(
     if not is_loopback(host) and api_key is None:
         print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    check_compile_mode(compile_mode, draft)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize,
+              compile_step=compile_mode == "all")
     drafter = drafter_from_flags(
         lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer,
+        draft_quantize, device, cross_tokenizer, compile_mode,
     )
     app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
                     max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)

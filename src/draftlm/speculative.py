@@ -185,6 +185,7 @@ def build_drafter(
     min_confidence: float | None = None,
     draft_lm: LM | None = None,
     quantize: str = "none",
+    compile_step: bool = False,
 ) -> Drafter:
     """The drafter the CLI flags ask for: `draft` (a model name/path) or `ngram` (size).
 
@@ -199,7 +200,7 @@ def build_drafter(
             raise DraftlmError(f"--ngram must be >= 1, got {ngram}")
         return NgramDrafter(ngram, num_draft_tokens, adaptive)
     if draft_lm is None:
-        draft_lm = load_draft(str(draft), dtype, device, quantize)
+        draft_lm = load_draft(str(draft), dtype, device, quantize, compile_step)
     if cross_tokenizer:
         return CrossTokenizerDrafter(draft_lm, lm, num_draft_tokens, adaptive)
     if not vocab_compatible(lm.tokenizer, draft_lm.tokenizer):
@@ -213,12 +214,13 @@ def build_drafter(
 
 def load_draft(
     draft: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-    quantize: str = "none",
+    quantize: str = "none", compile_step: bool = False,
 ) -> LM:
     """Load a draft model; any failure becomes one line that names the draft."""
     from draftlm.load import load
 
     try:
-        return load(draft, dtype=dtype, device=device, quantize=quantize)
+        return load(draft, dtype=dtype, device=device, quantize=quantize,
+                    compile_step=compile_step)
     except (DraftlmError, OSError, ValueError, KeyError) as err:
         raise DraftlmError(f"cannot load draft model {draft!r}: {err}") from err

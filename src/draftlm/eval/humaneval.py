@@ -30,7 +30,7 @@ import numpy as np
 
 from draftlm.errors import DraftlmError
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
-from draftlm.flags import add_load_flags, drafter_from_flags
+from draftlm.flags import add_load_flags, check_compile_mode, drafter_from_flags
 from draftlm.quantize import QUANTIZE_MODES
 
 if TYPE_CHECKING:
@@ -309,6 +309,7 @@ def cmd_humaneval(
     draft_quantize: str | None = None,
     problems_file: str | None = None,
     resume: bool = False,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
     from draftlm.load import load
@@ -321,8 +322,10 @@ def cmd_humaneval(
     if (check_draft or compare is not None) and temperature != 0:
         raise DraftlmError("only greedy runs (--temperature 0) must give equal answers; "
                            "drop --check-draft/--compare or the temperature")
+    check_compile_mode(compile_mode, draft)
     problems = load_problems(problems_file, limit)
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize,
+              compile_step=compile_mode == "all")
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
     common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -335,7 +338,7 @@ def cmd_humaneval(
     if speculative:
         drafter = drafter_from_flags(lm, draft, ngram, num_draft_tokens, True, dtype,
                                      quantize=quantize, draft_quantize=draft_quantize,
-                                     device=device)
+                                     device=device, compile_mode=compile_mode)
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:

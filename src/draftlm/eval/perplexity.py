@@ -168,5 +168,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per window")
     p.add_argument("--stride", type=int, default=512, help="new tokens scored per window")
     p.add_argument("--out", help="write the report (with per-file figures) to this JSON file")
-    add_load_flags(p, dtype="float32")
+    add_load_flags(p, dtype="float32", compile_flag=False)
     p.set_defaults(func=cmd_perplexity)
