@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"])
     parser.add_argument("--modes", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
-                        help="float32 | bfloat16 | int8 | int4 (int8/int4: float32 activations)")
+                        help="float32 | bfloat16 | int8 | int4 (int8/int4: float32 activations); "
+                             "+compile for a compiled decode step, e.g. int8+compile")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -70,11 +71,12 @@ def main() -> None:
     rows = []
     for name in args.models:
         for mode in args.modes:
-            quantize = mode if mode in ("int8", "int4") else "none"
-            dtype = mode if quantize == "none" else "float32"
-            lm = load(name, dtype=dtype, quantize=quantize)
+            weights, _, suffix = mode.partition("+")
+            quantize = weights if weights in ("int8", "int4") else "none"
+            dtype = weights if quantize == "none" else "float32"
+            lm = load(name, dtype=dtype, quantize=quantize, compile_step=suffix == "compile")
             per_token = weight_bytes_per_token(lm.model)
-            generate(lm, PROMPT, max_new_tokens=4)  # warm-up
+            generate(lm, PROMPT, max_new_tokens=4)  # warm-up (and the compile)
             result = generate(lm, PROMPT, max_new_tokens=args.tokens)
             # Decode speed alone: prefill is compute-bound and has its own limit.
             measured = result.stats["decode_tokens_per_second"]

@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> dict:
         prompts = [p for p in Path(args.prompts_file).read_text().split("\n\n") if p.strip()]
     probe = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or "none", max_retries=0)
     model = args.model or probe.models.list().data[0].id
+    for _ in range(args.warmup):  # untimed: first-touch of the weights, a --compile'd step
+        warm = one_request(probe.with_options(timeout=args.timeout_s), model, prompts[0], args)
+        if not warm.ok:
+            raise SystemExit(f"serve_load: the warm-up request failed: {warm.error}")
     start_barrier = threading.Barrier(args.clients)
 
     def client_session(index: int) -> list[Outcome]:
@@ -158,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="stream, and time the first token")
     p.add_argument("--prompts-file", help="prompts separated by blank lines")
     p.add_argument("--timeout-s", type=float, default=3600)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed requests before the clients start (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 

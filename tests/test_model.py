@@ -155,7 +155,11 @@ def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
             assert model.cache_len == pos + 1
         model.rollback(6)  # a step after a rollback overwrites the cache as eager does
         again = model(ids[:, 6:7], start_pos=6)
+        model.setup_cache(1, 48)  # another request's cache size: the same graph
+        model(ids[:, :4], start_pos=0)
+        other_size = model(ids[:, 4:5], start_pos=4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     for eager, compiled in zip(eager_logits, compiled_logits, strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, eager_logits[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(other_size, eager_logits[0], atol=1e-4, rtol=1e-4)
