@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import make_tiny_lm
 
 from draftlm.config import ModelConfig, RopeScaling
 from draftlm.model import Transformer
-from conftest import make_tiny_lm
 
 transformers = pytest.importorskip("transformers")
 

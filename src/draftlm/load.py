@@ -70,6 +70,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return DTYPES[dtype]
 
 
+def gguf_source(source: str) -> Path | None:
+    """The GGUF file a registry model was converted from (its 4-bit blocks feed
+    `--quantize int4` as they are), or None for other sources."""
+    from draftlm.registry import REAL_MODELS, gguf_path
+
+    return gguf_path(source, progress=False) if source in REAL_MODELS else None
+
+
 def check_compiler(device: torch.device) -> None:
     """torch.compile on a CPU writes C++: say so before loading, not at the first token."""
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -138,7 +146,8 @@ def load(
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
     GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
     `quantize` (none, int8, int4) replaces the linear layers by CPU-quantized ones
-    (`draftlm.quantize`). `compile_step` runs one-token decode steps through torch.compile
+    (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored.
+    `compile_step` runs one-token decode steps through torch.compile
     (`Transformer.compile_decode_step`)."""
     from draftlm.quantize import QUANTIZE_MODES, quantize_model
     from draftlm.registry import REAL_MODELS
@@ -174,7 +183,14 @@ def load(
         hf = read_hf_folder(path)
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
-    quantize_model(model, quantize)
+    int4_groups = None
+    if quantize == "int4":
+        gguf_file = path if path.is_file() else gguf_source(source)
+        if gguf_file is not None:
+            from draftlm.gguf_int4 import read_int4_groups
+
+            int4_groups = read_int4_groups(gguf_file, config.n_heads, config.n_kv_heads)
+    quantize_model(model, quantize, int4_groups)
     if compile_step:
         model.compile_decode_step()
     return LM(model, tokenizer, config, config.name if config.name != "custom" else name,

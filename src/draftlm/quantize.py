@@ -19,8 +19,9 @@ reads one row):
 * `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, run by
   PyTorch's packed CPU kernel (`_weight_int4pack_mm_for_cpu`) on bfloat16 activations.
 
-Both are CPU kernels; GGUF files are dequantized on load and requantized here (their
-block scales do not map onto these kernels' layouts).
+Both are CPU kernels. For int4, GGUF tensors stored as Q4_0, Q4_1 or Q4_K keep their own
+codes (`gguf_int4`: those blocks are groups of 32 with an affine map, this kernel's layout);
+every other tensor is dequantized on load and quantized here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from draftlm.errors import DraftlmError
+from draftlm.gguf_int4 import Int4Groups
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
@@ -69,9 +71,12 @@ class _QuantizedLinear(nn.Module):
                 f"--quantize {self.mode} uses PyTorch's CPU kernels; on {device.type} use "
                 "--quantize none with --dtype bfloat16"
             )
-        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self._set_shape(linear.in_features, linear.out_features, linear.bias)
+
+    def _set_shape(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        bias = bias.detach().float() if bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = in_features, out_features
 
     def _output(self, y: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
         """Float32 rows `y` -> bias added, the input's dtype and leading dimensions."""
@@ -139,11 +144,28 @@ class Int4Linear(_QuantizedLinear):
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        self._set_codes(q, scale.squeeze(-1), lo.squeeze(-1), group_size)
+
+    @classmethod
+    def from_groups(cls, groups: Int4Groups, bias: Tensor | None = None) -> Int4Linear:
+        """A layer holding 4-bit codes as they are (a GGUF file's Q4_0/Q4_1/Q4_K blocks)."""
+        rows, cols = groups.codes.shape
+        if rows % 16:
+            raise DraftlmError(f"--quantize int4 needs out_features divisible by 16 (the "
+                               f"kernel's tile), got {rows}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set_shape(cols, rows, bias)
+        layer._set_codes(groups.codes, groups.scale, groups.minimum, cols // groups.scale.shape[1])
+        return layer
+
+    def _set_codes(self, q: Tensor, scale: Tensor, minimum: Tensor, group_size: int) -> None:
+        """Pack codes q (int32 [out, in], 0..15) with value = scale * q + minimum per group."""
         # The kernel computes (q - 8) * scale + zero, so zero is the value of level 8.
-        zero = lo + 8 * scale
+        zero = minimum + 8 * scale
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1),
                              persistent=False)
-        scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)
+        scales_zeros = torch.stack([scale, zero], dim=-1)
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous()
                              .to(torch.bfloat16), persistent=False)
         self.group_size = group_size
@@ -173,28 +195,45 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+def quantize_model(
+    model: nn.Module, mode: str, int4_groups: dict[str, Int4Groups] | None = None
+) -> nn.Module:
     """Replace every `nn.Linear` of `model` (in place) by its quantized form; returns it.
 
-    A tied output head shares the embedding's Parameter; quantizing it makes a separate
-    int8/int4 copy and leaves the embedding as it was."""
+    `int4_groups` (weight name -> 4-bit codes, from `gguf_int4.read_int4_groups`) gives
+    int4 layers their codes as stored in a GGUF file instead of re-quantized floats; a fused
+    layer takes them only when all its parts have them. A tied output head shares the
+    embedding's Parameter; quantizing it makes a separate int8/int4 copy."""
     if mode not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown --quantize {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
-    make = Int8Linear if mode == "int8" else Int4Linear
-    for module in list(model.modules()):
+    stored = int4_groups if mode == "int4" and int4_groups else {}
+
+    def make(prefix: str, parts: list[str], linears: list[nn.Linear]) -> nn.Module:
+        names = [f"{prefix}{part}.weight" for part in parts]
+        fused = _concat(linears) if len(linears) > 1 else linears[0]
+        if names and all(n in stored for n in names):
+            return Int4Linear.from_groups(Int4Groups.concat([stored[n] for n in names]),
+                                          fused.bias)
+        return Int8Linear(fused) if mode == "int8" else Int4Linear(fused)
+
+    for prefix, module in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
         # Projections that read the same input become one layer: one kernel call, one
         # activation quantization (rows are exact either way: weights are per channel).
         if isinstance(getattr(module, "q_proj", None), nn.Linear):
-            module.qkv_proj = make(_concat([module.q_proj, module.k_proj, module.v_proj]))
+            parts = ["q_proj", "k_proj", "v_proj"]
+            module.qkv_proj = make(prefix, parts, [getattr(module, p) for p in parts])
             del module.q_proj, module.k_proj, module.v_proj
         if isinstance(getattr(module, "gate_proj", None), nn.Linear):
-            module.gate_up_proj = make(_concat([module.gate_proj, module.up_proj]))
+            parts = ["gate_proj", "up_proj"]
+            module.gate_up_proj = make(prefix, parts, [getattr(module, p) for p in parts])
             del module.gate_proj, module.up_proj
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child))
+                setattr(parent, name, make(prefix, [name], [child]))
     model.quantization = mode  # read back by LM.quantization
     return model
