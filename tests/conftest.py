@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -12,6 +14,12 @@ from draftlm.gguf_tokenizer import bytes_to_unicode
 from draftlm.load import LM
 from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
+
+# torch.compile on a CPU writes and builds C++; without a compiler there is nothing to test.
+needs_cpp_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
 
 
 def byte_tokenizer(chat_template: str | None = None) -> Tokenizer:

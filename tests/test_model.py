@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, needs_cpp_compiler
 
 from draftlm.config import ModelConfig, RopeScaling
 from draftlm.model import Transformer
@@ -133,6 +133,7 @@ def test_cuda_matches_cpu() -> None:
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
     """One graph serves every position; logits equal eager ones to float rounding."""
     import torch._dynamo

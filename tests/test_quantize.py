@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, needs_cpp_compiler
 
 from draftlm.cli import main
 from draftlm.drafters import ModelDrafter, NgramDrafter
@@ -161,6 +161,7 @@ def test_int8_packed_weights_are_freed_with_their_layer() -> None:
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_int8_layer_compiles_to_the_same_bits() -> None:
     """torch.compile reaches fbgemm through the draftlm::int8_linear custom op."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, needs_cpp_compiler
 
 from draftlm import speculative
 from draftlm.drafters import ModelDrafter, NgramDrafter
@@ -87,6 +87,7 @@ def test_greedy_model_draft_equals_plain_greedy(pair, k: int, adaptive: bool) ->
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_a_compiled_draft_keeps_greedy_output_exact() -> None:
     """`--compile draft`: the draft's steps are compiled, the target stays eager."""
     target = no_eos_lm(0)
