@@ -361,7 +361,7 @@ def cmd_bench(
     quantized run is compared with unquantized decoding in the same run. `compile_mode`
     (none, draft, all) compiles the one-token step of the drafts or of every model; the
     untimed warm-up of each configuration takes the compile."""
-    check_compile_mode(compile_mode, draft[0] if draft or cross_draft else None)
+    check_compile_mode(compile_mode, next(iter([*draft, *cross_draft]), None))
     ks = parse_ks(k)
     variants = [parse_variant(v, dtype) for v in also_ar]
     if threads is not None:

@@ -75,8 +75,8 @@ def drafter_from_flags(
     cross_tokenizer: bool = False,
     compile_mode: str = "none",
 ) -> Drafter | None:
-    """The drafter the flags ask for, or None for plain decoding."""
-    check_compile_mode(compile_mode, draft)
+    """The drafter the flags ask for, or None for plain decoding (commands check
+    `compile_mode` with `check_compile_mode` before loading anything)."""
     if draft is None and ngram is None:
         return None
     from draftlm.speculative import build_drafter

@@ -94,23 +94,19 @@ def decode_int4(data: np.ndarray, qtype: gguf.GGMLQuantizationType, rows: int,
 
 def read_int4_groups(path: str | Path, n_heads: int, n_kv_heads: int) -> dict[str, Int4Groups]:
     """draftlm weight name -> 4-bit groups, for every 2-D tensor of the file stored as Q4_0,
-    Q4_1 or Q4_K (q/k rows of arch `llama` un-permuted as `gguf_loader` does for floats)."""
-    from draftlm.gguf_loader import draftlm_name, open_gguf, read_metadata, unpermute_qk
+    Q4_1 or Q4_K (rows in draftlm's layout, `gguf_loader.draftlm_layout`)."""
+    from draftlm.gguf_loader import draftlm_layout, draftlm_name, open_gguf, read_metadata
 
     reader = open_gguf(path)
     arch = read_metadata(reader, arrays=False)["general.architecture"]
     out: dict[str, Int4Groups] = {}
     for tensor in reader.tensors:
         name = draftlm_name(tensor.name)
-        if name is None or tensor.tensor_type not in INT4_TYPES or len(tensor.shape) != 2:
+        if name is None or len(tensor.shape) != 2:
             continue
         cols, rows = (int(d) for d in tensor.shape.tolist())  # GGUF lists dims inner-first
         groups = decode_int4(tensor.data, tensor.tensor_type, rows, cols)
-        if groups is None:
-            continue
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            groups = groups.permute_rows(lambda t: unpermute_qk(t, n_heads))
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            groups = groups.permute_rows(lambda t: unpermute_qk(t, n_kv_heads))
-        out[name] = groups
+        if groups is not None:
+            out[name] = groups.permute_rows(
+                lambda t, name=name: draftlm_layout(name, t, arch, n_heads, n_kv_heads))
     return out

@@ -203,6 +203,16 @@ def unpermute_qk(weight: Tensor, n_heads: int) -> Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
+def draftlm_layout(name: str, rows: Tensor, arch: str, n_heads: int, n_kv_heads: int) -> Tensor:
+    """`rows` of tensor `name` (a weight, bias or per-row data such as 4-bit group scales)
+    in draftlm's layout: arch `llama` q/k rows un-permuted, everything else as it is."""
+    if arch == "llama" and ".self_attn.q_proj." in name:
+        return unpermute_qk(rows, n_heads)
+    if arch == "llama" and ".self_attn.k_proj." in name:
+        return unpermute_qk(rows, n_kv_heads)
+    return rows
+
+
 def permute_qk(weight: Tensor, n_heads: int) -> Tensor:
     """llama.cpp's permutation itself (the inverse of `unpermute_qk`), for writing files."""
     rows = weight.shape[0]
@@ -246,10 +256,7 @@ def iter_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig, arch: str,
                 f"GGUF tensor {tensor.name!r} is not part of a {arch} model draftlm can build"
             )
         weight = torch.from_numpy(_dequantize(tensor))
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            weight = unpermute_qk(weight, config.n_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            weight = unpermute_qk(weight, config.n_kv_heads)
+        weight = draftlm_layout(name, weight, arch, config.n_heads, config.n_kv_heads)
         yield name, weight.to(dtype)
 
 

@@ -26,6 +26,7 @@ every other tensor is dequantized on load and quantized here.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 
@@ -44,7 +45,7 @@ INT4_GROUP = 32
 # a custom op that takes an integer handle: the op is opaque to the compiler (its fake
 # implementation only gives the output shape) while the code around it is fused.
 _PACKED: dict[int, object] = {}
-_next_handle = 0
+_HANDLES = itertools.count()
 
 
 @torch.library.custom_op("draftlm::int8_linear", mutates_args=())
@@ -111,9 +112,7 @@ class Int8Linear(_QuantizedLinear):
                 q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
             packed = torch.ops.quantized.linear_prepack(qweight, None)
-        global _next_handle
-        self._handle = _next_handle
-        _next_handle += 1
+        self._handle = next(_HANDLES)
         _PACKED[self._handle] = packed
         weakref.finalize(self, _PACKED.pop, self._handle, None)  # freed with the layer
         self.register_buffer("pins", torch.tensor([[1.0, -1.0]]), persistent=False)
