@@ -48,8 +48,7 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         elif isinstance(module, Int8Linear):
             total += module.in_features * module.out_features + 4 * module.out_features
         elif isinstance(module, Int4Linear):
-            total += module.packed.numel() * module.packed.element_size()
-            total += module.scales_zeros.numel() * module.scales_zeros.element_size()
+            total += module.weight_bytes
     return total
 
 

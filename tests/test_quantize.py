@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from conftest import make_tiny_lm, needs_cpp_compiler
 
+from draftlm import quantize
 from draftlm.cli import main
 from draftlm.drafters import ModelDrafter, NgramDrafter
 from draftlm.errors import DraftlmError
@@ -68,7 +69,11 @@ def test_int4_linear_is_close_to_the_float_layer(bias: bool) -> None:
 def test_int4_needs_whole_groups() -> None:
     with pytest.raises(DraftlmError, match="divisible by 32"):
         Int4Linear(nn.Linear(40, 8))
-    with pytest.raises(DraftlmError, match="out_features by 16"):
+
+
+def test_int4_torch_kernel_needs_whole_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantize, "int4_kernel_available", lambda: False)
+    with pytest.raises(DraftlmError, match="out_features divisible by 16"):
         Int4Linear(nn.Linear(64, 8))
 
 

@@ -17,10 +17,12 @@ reads one row):
   int16 with full 8-bit activations (measured: perplexity +0.1% on Qwen2.5-Coder-1.5B,
   where 8-bit weights with fbgemm's 7-bit activations cost +0.8%).
 * `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, run by
-  PyTorch's packed CPU kernel (`_weight_int4pack_mm_for_cpu`) on bfloat16 activations.
+  draftlm's AVX2 kernel (`cpu_kernels`, llama.cpp's scheme: int8 activations per group of
+  32, byte dot products), or PyTorch's packed kernel where that cannot be built. Rows are
+  independent in both kernels, so verify passes stay batch-invariant.
 
 Both are CPU kernels. For int4, GGUF tensors stored as Q4_0, Q4_1 or Q4_K keep their own
-codes (`gguf_int4`: those blocks are groups of 32 with an affine map, this kernel's layout);
+codes (`gguf_int4`: those blocks are groups of 32 with an affine map, this layer's layout);
 every other tensor is dequantized on load and quantized here.
 """
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from draftlm.cpu_kernels import int4_kernel_available, pack_int4
 from draftlm.errors import DraftlmError
 from draftlm.gguf_int4 import Int4Groups
 
@@ -127,57 +130,78 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int4Linear(_QuantizedLinear):
-    """Weight-only int4 (groups of 32, scale and zero point per group), bf16 activations."""
+    """Weight-only int4: groups of 32 along the input, a scale and a minimum each.
+
+    Runs draftlm's AVX2 kernel (`cpu_kernels`: int8 activations per group, float16 scales)
+    where it can be built, else PyTorch's packed kernel (bfloat16 activations and scales,
+    out_features a multiple of 16)."""
 
     mode = "int4"
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         weight = linear.weight.detach()
         out_f, in_f = weight.shape
-        if in_f % group_size or out_f % 16:
-            raise DraftlmError(f"--quantize int4 needs in_features divisible by {group_size} "
-                               f"and out_features by 16 (the kernel's tiles), got {in_f} x "
-                               f"{out_f}")
-        w = weight.float().reshape(out_f, in_f // group_size, group_size)
+        if in_f % INT4_GROUP:
+            raise DraftlmError(f"--quantize int4 needs in_features divisible by {INT4_GROUP}, "
+                               f"got {in_f} x {out_f}")
+        w = weight.float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-        self._set_codes(q, scale.squeeze(-1), lo.squeeze(-1), group_size)
+        self._set_codes(q, scale.squeeze(-1), lo.squeeze(-1))
 
     @classmethod
     def from_groups(cls, groups: Int4Groups, bias: Tensor | None = None) -> Int4Linear:
         """A layer holding 4-bit codes as they are (a GGUF file's Q4_0/Q4_1/Q4_K blocks)."""
         rows, cols = groups.codes.shape
-        if rows % 16:
-            raise DraftlmError(f"--quantize int4 needs out_features divisible by 16 (the "
-                               f"kernel's tile), got {rows}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._set_shape(cols, rows, bias)
-        layer._set_codes(groups.codes, groups.scale, groups.minimum, cols // groups.scale.shape[1])
+        layer._set_codes(groups.codes, groups.scale, groups.minimum)
         return layer
 
-    def _set_codes(self, q: Tensor, scale: Tensor, minimum: Tensor, group_size: int) -> None:
-        """Pack codes q (int32 [out, in], 0..15) with value = scale * q + minimum per group."""
-        # The kernel computes (q - 8) * scale + zero, so zero is the value of level 8.
+    def _set_codes(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
+        """Store codes q (int [out, in], 0..15) with value = scale * q + minimum per group."""
+        if int4_kernel_available():
+            self.kernel = "draftlm"
+            self.register_buffer("codes", pack_int4(q), persistent=False)
+            self.register_buffer("scale", scale.to(torch.float16).contiguous(), persistent=False)
+            self.register_buffer("minimum", minimum.to(torch.float16).contiguous(),
+                                 persistent=False)
+            return
+        if q.shape[0] % 16:
+            raise DraftlmError(f"--quantize int4 with PyTorch's kernel needs out_features "
+                               f"divisible by 16 (its tile), got {q.shape[0]}")
+        self.kernel = "torch"
+        # PyTorch's kernel computes (q - 8) * scale + zero: zero is the value of level 8.
         zero = minimum + 8 * scale
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1),
-                             persistent=False)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32), 1), persistent=False)
         scales_zeros = torch.stack([scale, zero], dim=-1)
         self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous()
                              .to(torch.bfloat16), persistent=False)
-        self.group_size = group_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one forward pass reads for the weight (codes and their scales)."""
+        names = ("codes", "scale", "minimum") if self.kernel == "draftlm" else (
+            "packed", "scales_zeros")
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
-        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
-                                              self.scales_zeros).float()
+        rows = x.reshape(-1, shape[-1])
+        if self.kernel == "draftlm":
+            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.scale,
+                                                  self.minimum)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed,
+                                                  INT4_GROUP, self.scales_zeros).float()
         return self._output(y, shape, dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()} g{self.group_size}"
+        return f"{super().extra_repr()} g{INT4_GROUP} {self.kernel} kernel"
 
 
 def _concat(linears: list[nn.Linear]) -> nn.Linear:
