@@ -44,6 +44,10 @@ def test_plan_and_arguments() -> None:
     assert configs[0] == BenchConfig("ar")
     assert len(configs) == 1 + 3 * 2 * 2
     assert BenchConfig("draft", "d", 3, True).label == "draft d k=3 adaptive"
+    # confidence thresholds add rows for draft models only
+    with_conf = plan(["d"], [2], [], [3], [True], confidences=[0.4])
+    assert [c.label for c in with_conf] == [
+        "ar", "draft d k=3 adaptive", "draft d k=3 adaptive conf 0.4", "ngram 2 k=3 adaptive"]
     assert parse_ks("1,3,5") == [1, 3, 5]
     for bad in ("1,x", "0,2", ""):
         with pytest.raises(DraftlmError, match="draft lengths|comma-separated"):

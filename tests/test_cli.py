@@ -58,6 +58,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
          "--compile draft needs a draft model"),
         (["bench", "--model", "{folder}", "--ngram", "2", "--compile", "draft"],
          "--compile draft needs a draft model"),
+        (["generate", "--model", "{folder}", "hi", "--draft-confidence", "0.5"],
+         "--draft-confidence needs a draft model"),
+        (["generate", "--model", "{folder}", "hi", "--draft", "{folder}",
+          "--draft-confidence", "1.5"], "--draft-confidence must be between 0 and 1"),
+        (["bench", "--model", "{folder}", "--ngram", "2", "--draft-confidence", "0.5"],
+         "--draft-confidence needs a draft model"),
     ],
 )
 def test_user_errors_are_one_line(tiny_folder, args, message) -> None:

@@ -91,6 +91,22 @@ def test_prefix_vocab_draft_is_padded_and_exact() -> None:
     assert len(sampled.token_ids) == 30
 
 
+def test_confidence_threshold_shortens_drafts_not_answers() -> None:
+    """--draft-confidence: the draft stops at a token it is unsure of; greedy output stays
+    the target's, with fewer drafted tokens than without the threshold."""
+    target = no_eos_lm(0)
+    draft = noisy_copy(target)
+    expected = generate(target, PROMPT, max_new_tokens=30)
+    plain = generate(target, PROMPT, max_new_tokens=30,
+                     drafter=ModelDrafter(draft, target, 6, adaptive=False))
+    careful = generate(target, PROMPT, max_new_tokens=30,
+                       drafter=ModelDrafter(draft, target, 6, adaptive=False,
+                                            min_confidence=0.9))
+    assert plain.token_ids == careful.token_ids == expected.token_ids
+    per_round = [r.stats["num_drafted"] / r.stats["target_forwards"] for r in (plain, careful)]
+    assert per_round[1] < per_round[0]
+
+
 def test_point_mass_proposal_keeps_the_target_distribution() -> None:
     """The cross-tokenizer sampling rule: a deterministic proposal, kept with probability
     p(x), else a draw from p without x, leaves exactly p."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import COMPILE_MODES, check_compile_mode
+from draftlm.flags import COMPILE_MODES, check_compile_mode, check_confidence
 from draftlm.generate import GenerationResult, generate
 from draftlm.load import DTYPES, LM, load, resolve_dtype
 from draftlm.quantize import QUANTIZE_MODES
@@ -37,6 +37,11 @@ class BenchConfig:
     source: str | None = None  # draft model name/path, or the n-gram size
     num_draft_tokens: int = 0
     adaptive: bool = False
+    min_confidence: float | None = None  # a draft model stops under this top probability
+
+    @property
+    def _confidence(self) -> str:
+        return "" if self.min_confidence is None else f" conf {self.min_confidence:g}"
 
     @property
     def label(self) -> str:
@@ -47,12 +52,13 @@ class BenchConfig:
         policy = "adaptive" if self.adaptive else "fixed"
         if self.kind == "hf-assisted":
             return f"hf-assisted {self.source}"
-        return f"{self.kind} {self.source} k={self.num_draft_tokens} {policy}"
+        return f"{self.kind} {self.source} k={self.num_draft_tokens} {policy}{self._confidence}"
 
     @property
     def series(self) -> str:
         """The line this row belongs to in the plot (one per drafter and policy)."""
-        return f"{self.kind} {self.source} {'adaptive' if self.adaptive else 'fixed'}"
+        policy = "adaptive" if self.adaptive else "fixed"
+        return f"{self.kind} {self.source} {policy}{self._confidence}"
 
 
 @dataclass
@@ -173,15 +179,18 @@ def parse_ks(k: str | Sequence[int]) -> list[int]:
 
 def plan(
     drafts: Sequence[str], ngrams: Sequence[int], cross_drafts: Sequence[str],
-    ks: Sequence[int], policies: Sequence[bool],
+    ks: Sequence[int], policies: Sequence[bool], confidences: Sequence[float] = (),
 ) -> list[BenchConfig]:
-    """AR first (the baseline), then every drafter x k x policy."""
+    """AR first (the baseline), then every drafter x k x policy (x each confidence
+    threshold, and none, for draft models)."""
     configs = [BenchConfig("ar")]
     sources = [("draft", d) for d in drafts] + [("ngram", str(n)) for n in ngrams]
     sources += [("cross", d) for d in cross_drafts]
     for kind, source in sources:
-        for adaptive in policies:
-            configs += [BenchConfig(kind, source, k, adaptive) for k in ks]
+        thresholds = [None, *confidences] if kind == "draft" else [None]
+        for threshold in thresholds:
+            for adaptive in policies:
+                configs += [BenchConfig(kind, source, k, adaptive, threshold) for k in ks]
     return configs
 
 
@@ -225,6 +234,7 @@ def run_bench(
             lm, ngram=ngram, num_draft_tokens=config.num_draft_tokens,
             adaptive=config.adaptive, cross_tokenizer=config.kind == "cross",
             draft_lm=draft_lms.get(config.source) if ngram is None else None,
+            min_confidence=config.min_confidence,
         )
 
     prompt_ids = [lm.tokenizer.encode(p) for p in prompts]
@@ -302,7 +312,8 @@ def plot(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def _config_fields(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: summary[k] for k in ("kind", "source", "num_draft_tokens", "adaptive")}
+    return {k: summary.get(k) for k in ("kind", "source", "num_draft_tokens", "adaptive",
+                                        "min_confidence")}
 
 
 def write_report(
@@ -352,6 +363,7 @@ def cmd_bench(
     out: str = "bench-results",
     threads: int | None = None,
     compile_mode: str = "none",
+    draft_confidence: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Benchmark AR against every speculative configuration; write JSON, markdown, PNG.
 
@@ -362,6 +374,10 @@ def cmd_bench(
     (none, draft, all) compiles the one-token step of the drafts or of every model; the
     untimed warm-up of each configuration takes the compile."""
     check_compile_mode(compile_mode, next(iter([*draft, *cross_draft]), None))
+    for threshold in draft_confidence:
+        check_confidence(threshold)
+    if draft_confidence and not draft:
+        raise DraftlmError("--draft-confidence needs a draft model (--draft)")
     ks = parse_ks(k)
     variants = [parse_variant(v, dtype) for v in also_ar]
     if threads is not None:
@@ -397,7 +413,7 @@ def cmd_bench(
                 f"draft {name} has another tokenizer than {model}; pass it as --cross-draft "
                 "(cross-tokenizer drafting)"
             )
-    configs = plan(draft, ngram, cross_draft, ks, policies)
+    configs = plan(draft, ngram, cross_draft, ks, policies, draft_confidence)
     rows = run_bench(lm, configs, texts, max_new_tokens, draft_lms, temperature, seed, log)
     torch_dtype = resolve_dtype(dtype, device)
     prompt_ids = [lm.tokenizer.encode(p) for p in texts]
@@ -451,6 +467,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="draft model with another tokenizer (repeatable)")
     p.add_argument("--k", default="1,3,5,8", help="draft lengths, comma-separated")
     p.add_argument("--fixed", action="store_true", help="run fixed draft lengths")
+    p.add_argument("--draft-confidence", action="append", type=float, default=[], metavar="P",
+                   help="also run each --draft stopping its draft once the draft's top "
+                        "probability falls under P (repeatable)")
     p.add_argument("--adaptive", action="store_true",
                    help="run adaptive draft lengths (the default; with --fixed: both)")
     p.add_argument("--limit", type=int,

@@ -59,17 +59,18 @@ def cmd_generate(
     draft_quantize: str | None = None,
     cross_tokenizer: bool = False,
     compile_mode: str = "none",
+    min_confidence: float | None = None,
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
     from draftlm.generate import generate
     from draftlm.load import load
 
-    check_compile_mode(compile_mode, draft)
+    check_compile_mode(compile_mode, draft, min_confidence)
     lm = load(model, dtype=dtype, device=device, quantize=quantize,
               compile_step=compile_mode == "all")
     drafter = drafter_from_flags(
         lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer, compile_mode,
+        draft_quantize, device, cross_tokenizer, compile_mode, min_confidence,
     )
 
     def stream(delta: str) -> None:

@@ -50,15 +50,34 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
                    help="quantization of the draft model (default: --quantize)")
     p.add_argument("--cross-tokenizer", action="store_true",
                    help="the draft has another tokenizer: draft through re-tokenized text")
+    add_confidence_flag(p)
 
 
-def check_compile_mode(compile_mode: str, draft: str | None) -> None:
-    """Reject --compile values that would do nothing, before any model loads."""
+def add_confidence_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-confidence", dest="min_confidence", type=float, metavar="P",
+                   help="stop a draft once the draft model's top probability falls under P "
+                        "(a token it is unsure of is likely rejected; default: never)")
+
+
+def check_confidence(p: float) -> None:
+    """A --draft-confidence is a probability strictly between 0 and 1."""
+    if not 0 < p < 1:
+        raise DraftlmError(f"--draft-confidence must be between 0 and 1, got {p}")
+
+
+def check_compile_mode(compile_mode: str, draft: str | None,
+                       min_confidence: float | None = None) -> None:
+    """Reject --compile (and --draft-confidence) values that would do nothing, before any
+    model loads."""
     if compile_mode not in COMPILE_MODES:
         raise DraftlmError(f"unknown --compile {compile_mode!r}; use one of "
                            f"{', '.join(COMPILE_MODES)}")
     if compile_mode == "draft" and draft is None:
         raise DraftlmError("--compile draft needs a draft model (--draft)")
+    if min_confidence is not None:
+        check_confidence(min_confidence)
+        if draft is None:
+            raise DraftlmError("--draft-confidence needs a draft model (--draft)")
 
 
 def drafter_from_flags(
@@ -74,10 +93,13 @@ def drafter_from_flags(
     device: str = "cpu",
     cross_tokenizer: bool = False,
     compile_mode: str = "none",
+    min_confidence: float | None = None,
 ) -> Drafter | None:
     """The drafter the flags ask for, or None for plain decoding (commands check
     `compile_mode` with `check_compile_mode` before loading anything)."""
     if draft is None and ngram is None:
+        if min_confidence is not None:
+            raise DraftlmError("--draft-confidence needs a draft model (--draft)")
         return None
     from draftlm.speculative import build_drafter
 
@@ -85,4 +107,5 @@ def drafter_from_flags(
         lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens, adaptive=adaptive,
         dtype=draft_dtype or dtype, device=device, cross_tokenizer=cross_tokenizer,
         quantize=draft_quantize or quantize, compile_step=compile_mode in ("draft", "all"),
+        min_confidence=min_confidence,
     )

@@ -62,6 +62,7 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     shutdown_timeout_s: int = 30,
     compile_mode: str = "none",
+    min_confidence: float | None = None,
 ) -> None:
     """Load `model` (and a drafter when asked) and serve it until interrupted.
 
@@ -82,12 +83,12 @@ def serve(
     if not is_loopback(host) and api_key is None:
         print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    check_compile_mode(compile_mode, draft)
+    check_compile_mode(compile_mode, draft, min_confidence)
     lm = load(model, dtype=dtype, device=device, quantize=quantize,
               compile_step=compile_mode == "all")
     drafter = drafter_from_flags(
         lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer, compile_mode,
+        draft_quantize, device, cross_tokenizer, compile_mode, min_confidence,
     )
     app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
                     max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)

@@ -31,6 +31,7 @@ from draftlm.drafters import (
     vocab_compatible,
 )
 from draftlm.errors import DraftlmError
+from draftlm.flags import check_confidence
 from draftlm.generate import GenerationResult, OutputTracker
 from draftlm.load import LM
 from draftlm.sampling import SamplingParams, logits_to_probs
@@ -195,6 +196,11 @@ def build_drafter(
         raise DraftlmError(f"the number of draft tokens must be >= 1, got {num_draft_tokens}")
     if (draft is None and draft_lm is None) == (ngram is None):
         raise DraftlmError("speculative decoding needs exactly one of --draft or --ngram")
+    if min_confidence is not None:
+        check_confidence(min_confidence)
+        if ngram is not None or cross_tokenizer:
+            raise DraftlmError("--draft-confidence applies to a draft model with the target's "
+                               "tokenizer (--draft), not to --ngram or cross-tokenizer drafts")
     if ngram is not None:
         if ngram < 1:
             raise DraftlmError(f"--ngram must be >= 1, got {ngram}")

@@ -30,7 +30,12 @@ import numpy as np
 
 from draftlm.errors import DraftlmError
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
-from draftlm.flags import add_load_flags, check_compile_mode, drafter_from_flags
+from draftlm.flags import (
+    add_confidence_flag,
+    add_load_flags,
+    check_compile_mode,
+    drafter_from_flags,
+)
 from draftlm.quantize import QUANTIZE_MODES
 
 if TYPE_CHECKING:
@@ -310,6 +315,7 @@ def cmd_humaneval(
     problems_file: str | None = None,
     resume: bool = False,
     compile_mode: str = "none",
+    min_confidence: float | None = None,
 ) -> dict[str, Any]:
     """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
     from draftlm.load import load
@@ -322,7 +328,7 @@ def cmd_humaneval(
     if (check_draft or compare is not None) and temperature != 0:
         raise DraftlmError("only greedy runs (--temperature 0) must give equal answers; "
                            "drop --check-draft/--compare or the temperature")
-    check_compile_mode(compile_mode, draft)
+    check_compile_mode(compile_mode, draft, min_confidence)
     problems = load_problems(problems_file, limit)
     lm = load(model, dtype=dtype, device=device, quantize=quantize,
               compile_step=compile_mode == "all")
@@ -338,7 +344,8 @@ def cmd_humaneval(
     if speculative:
         drafter = drafter_from_flags(lm, draft, ngram, num_draft_tokens, True, dtype,
                                      quantize=quantize, draft_quantize=draft_quantize,
-                                     device=device, compile_mode=compile_mode)
+                                     device=device, compile_mode=compile_mode,
+                                     min_confidence=min_confidence)
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:
@@ -379,6 +386,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_load_flags(p)
     p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
                    help="quantization of the draft model (default: --quantize)")
+    add_confidence_flag(p)
     p.add_argument("--problems-file", help="HumanEval-format JSONL(.gz) instead of the package's")
     p.add_argument("--resume", action="store_true",
                    help="keep the completions already in --out (same settings) and go on")
