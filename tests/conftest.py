@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from draftlm.config import ModelConfig
+from draftlm.cpu_kernels import has_cpp_compiler
 from draftlm.gguf_tokenizer import bytes_to_unicode
 from draftlm.load import LM
 from draftlm.model import Transformer
@@ -17,7 +16,7 @@ from draftlm.tokenizer import Tokenizer
 
 # torch.compile on a CPU writes and builds C++; without a compiler there is nothing to test.
 needs_cpp_compiler = pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    not has_cpp_compiler(),
     reason="torch.compile on CPU needs a C++ compiler",
 )
 

@@ -30,6 +30,11 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
 _loaded: dict[str, bool] = {}
 
 
+def has_cpp_compiler() -> bool:
+    """torch.compile on CPU and this kernel's build both need a C++ compiler on PATH."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def _why_not() -> str | None:
     """Why the kernel cannot be used here, or None when it can be built."""
     if os.environ.get("DRAFTLM_INT4_KERNEL", "auto") == "torch":
@@ -38,7 +43,7 @@ def _why_not() -> str | None:
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "the CPU has no AVX2"
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if not has_cpp_compiler():
         return "no C++ compiler (g++ or clang++) on PATH"
     return None
 

@@ -96,10 +96,8 @@ def drafter_from_flags(
     min_confidence: float | None = None,
 ) -> Drafter | None:
     """The drafter the flags ask for, or None for plain decoding (commands check
-    `compile_mode` with `check_compile_mode` before loading anything)."""
+    `compile_mode` and `min_confidence` with `check_compile_mode` before loading anything)."""
     if draft is None and ngram is None:
-        if min_confidence is not None:
-            raise DraftlmError("--draft-confidence needs a draft model (--draft)")
         return None
     from draftlm.speculative import build_drafter
 

@@ -9,7 +9,6 @@ the weights are assigned, so a large model is never allocated twice.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from draftlm.config import ModelConfig
+from draftlm.cpu_kernels import has_cpp_compiler
 from draftlm.errors import DraftlmError
 from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
@@ -80,7 +80,7 @@ def gguf_source(source: str) -> Path | None:
 
 def check_compiler(device: torch.device) -> None:
     """torch.compile on a CPU writes C++: say so before loading, not at the first token."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if device.type == "cpu" and not has_cpp_compiler():
         raise DraftlmError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
 
 
