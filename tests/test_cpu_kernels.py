@@ -1,6 +1,6 @@
 """draftlm's AVX2 int4 kernel: the dot products of its int8 activations with the 4-bit
-codes, rows independent of the batch, GGUF's block order, and PyTorch's kernel as the
-fallback giving the same layer within rounding."""
+codes in super-blocks, rows independent of the batch, GGUF Q4_K's order, the quantizer's
+error bound, and PyTorch's kernel as the fallback giving the same layer within rounding."""
 
 from __future__ import annotations
 
@@ -10,80 +10,84 @@ import torch.nn as nn
 
 from draftlm import cpu_kernels, quantize
 from draftlm.cpu_kernels import int4_kernel_available, pack_int4
+from draftlm.gguf_int4 import Int4Groups
 from draftlm.quantize import Int4Linear
 
 kernel = pytest.mark.skipif(not int4_kernel_available(),
                             reason="draftlm's int4 kernel cannot be built here")
 
 
-def random_codes(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def random_groups(n: int, k: int, seed: int = 0) -> Int4Groups:
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
-    scale = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).half()
-    minimum = (-torch.rand(n, k // 32, generator=g) * 0.1).half()
-    return codes, scale, minimum
+    groups, supers = k // 32, -(-k // 256)
+    return Int4Groups(
+        torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+        torch.randint(0, 256, (n, groups), generator=g, dtype=torch.uint8),
+        torch.randint(-127, 128, (n, groups), generator=g, dtype=torch.int8),
+        torch.rand(n, supers, generator=g) * 1e-4 + 1e-5,
+        torch.rand(n, supers, generator=g) * 1e-3 - 5e-4)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    n, k = codes.shape
-    grouped = codes.float().view(n, k // 32, 32)
-    return (grouped * scale.float()[..., None] + minimum.float()[..., None]).view(n, k)
+def run(x: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
+    return torch.ops.draftlm_cpu.int4_linear(x, pack_int4(groups.codes), groups.sub_scale,
+                                             groups.sub_min, groups.d, groups.dmin)
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernel sees it: int8 per group of 32, scale max|x| / 127."""
-    groups = x.view(x.shape[0], -1, 32)
-    step = groups.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(groups / torch.where(step > 0, step, 1)) * step).view_as(x)
+    """x as the kernel sees it: int8 per super-block of 256, scale max|x| / 127."""
+    m, k = x.shape
+    padded = torch.zeros(m, -(-k // 256) * 256)
+    padded[:, :k] = x
+    blocks = padded.view(m, -1, 256)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(step > 0, step, 1)) * step).view(m, -1)[:, :k]
 
 
-def test_pack_puts_code_i_and_i_plus_16_in_one_byte() -> None:
-    codes = torch.arange(64, dtype=torch.int32).remainder(16).view(1, 64)
+def test_pack_pairs_groups_in_low_and_high_nibbles() -> None:
+    codes = (torch.arange(96, dtype=torch.uint8) // 32 + 1).view(1, 96)  # groups 1, 2, 3
     packed = pack_int4(codes)
-    assert packed.shape == (1, 32) and packed.dtype == torch.uint8
-    # group 0 holds codes 0..15 then 0..15: byte i = i | i << 4
-    assert packed[0, :16].tolist() == [i | (i << 4) for i in range(16)]
+    assert packed.shape == (1, 64) and packed.dtype == torch.uint8
+    assert packed[0, :32].eq(1 | 2 << 4).all()  # groups 0 and 1 share bytes
+    assert packed[0, 32:].eq(3).all()  # the lone last group: low nibbles, zero high
 
 
 @kernel
-@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 96), (5, 1536), (9, 32)])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 96), (5, 1536), (9, 32), (6, 896),
+                                      (40, 320)])
 def test_kernel_equals_the_dot_product_of_its_quantized_activations(m: int, k: int) -> None:
-    """Odd group counts, row blocks of 4 plus a remainder: all exact up to float sums."""
-    codes, scale, minimum = random_codes(40, k)
+    """Lone last groups, short last super-blocks, row blocks of 4 plus a remainder, row
+    chunks of 32 (a prefill): all exact up to float sums."""
+    groups = random_groups(40, k)
     x = torch.randn(m, k)
-    x[0, :32] = 0  # an all-zero group has no activation scale
-    got = torch.ops.draftlm_cpu.int4_linear(x, pack_int4(codes), scale, minimum)
-    weight = dequantize(codes, scale, minimum)
-    # The codes' part uses the int8 activations, the minimums' part the float sums.
-    grouped = weight.view(40, -1, 32) - minimum.float()[..., None]
-    expected = quantized_activations(x) @ grouped.reshape(40, k).T
-    expected += (x.view(m, -1, 32).sum(-1) @ minimum.float().T)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if m > 1:
+        x[0, :256] = 0  # an all-zero super-block has no activation scale
+    got = run(x, groups)
+    weight = groups.dequantize()
+    expected = quantized_activations(x) @ weight.T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # and close to the float product: 8-bit activations cost about 1%
     exact = x @ weight.T
     assert float((got - exact).norm() / exact.norm()) < 0.03
 
 
 @kernel
-def test_many_rows_take_the_float_path() -> None:
-    """A prefill (> 32 rows) multiplies float activations by the dequantized weights."""
-    codes, scale, minimum = random_codes(2100, 64)  # more than one block of 2048 rows
-    x = torch.randn(40, 64)
-    got = torch.ops.draftlm_cpu.int4_linear(x, pack_int4(codes), scale, minimum)
-    torch.testing.assert_close(got, x @ dequantize(codes, scale, minimum).T,
-                               rtol=1e-4, atol=1e-4)
-
-
-@kernel
 def test_kernel_rows_do_not_depend_on_the_batch() -> None:
-    codes, scale, minimum = random_codes(24, 256)
-    x = torch.randn(7, 256)
+    groups = random_groups(24, 512)
+    x = torch.randn(37, 512)
     x[3] *= 1000
-    packed = pack_int4(codes)
-    together = torch.ops.draftlm_cpu.int4_linear(x, packed, scale, minimum)
-    alone = torch.cat([torch.ops.draftlm_cpu.int4_linear(x[i : i + 1], packed, scale, minimum)
-                       for i in range(7)])
+    together = run(x, groups)
+    alone = torch.cat([run(x[i : i + 1], groups) for i in range(37)])
     assert torch.equal(together, alone)
+
+
+def test_quantize_stays_within_half_a_step_of_the_weight() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(16, 320) * torch.linspace(0.01, 1, 320)  # groups of unequal range
+    groups = Int4Groups.quantize(weight)
+    scale, _ = groups.group_affine()
+    err = (groups.dequantize() - weight).abs().view(16, 10, 32).amax(-1)
+    assert (err <= scale * 0.5 + 1e-6).all()
+    assert groups.codes.max() <= 15 and groups.d.shape == (16, 2)
 
 
 @kernel

@@ -2,8 +2,9 @@
 
 PyTorch's int4 CPU kernel wants bfloat16 activations; on CPUs without AVX512-BF16/AMX (this
 project's AVX2 machines) it decodes slower than fbgemm's int8 although it reads half the
-bytes. `kernels/int4_avx2.cpp` does what llama.cpp does for its 4-bit formats: int8
-activations per group of 32 and byte dot products (`_mm256_maddubs_epi16`). It is compiled
+bytes. `kernels/int4_avx2.cpp` does what llama.cpp does for its Q4_K format: int8
+activations, byte dot products (`_mm256_maddubs_epi16`), 8-bit group scales applied in
+integers and one float conversion per super-block of 256 values. It is compiled
 with the machine's C++ compiler through `torch.utils.cpp_extension` the first time an int4
 layer is made (about 40 s, then cached by torch under ~/.cache/torch_extensions), and
 registered as the operator `torch.ops.draftlm_cpu.int4_linear`, which torch.compile treats
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "kernels" / "int4_avx2.cpp"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 _loaded: dict[str, bool] = {}
 
 
@@ -61,6 +62,7 @@ def int4_kernel_available() -> bool:
                 print("draftlm: building the int4 CPU kernel (once per machine, ~40 s)",
                       file=sys.stderr, flush=True)
             load(name="draftlm_cpu", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                 extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             torch.library.register_fake("draftlm_cpu::int4_linear")(_int4_linear_shape)
         except Exception as exc:  # a broken toolchain must not stop int4 from working
@@ -72,13 +74,19 @@ def int4_kernel_available() -> bool:
     return _loaded["int4"]
 
 
-def _int4_linear_shape(x: Tensor, codes: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+def _int4_linear_shape(x: Tensor, codes: Tensor, sub_scale: Tensor, sub_min: Tensor, d: Tensor,
+                       dmin: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
 def pack_int4(codes: Tensor) -> Tensor:
-    """int codes [N, K] (0..15) -> uint8 [N, K/2] in the kernel's (and GGUF's) block order:
-    per group of 32, byte i holds code i in its low nibble and code i + 16 in its high."""
+    """Codes [N, K] (0..15, K a multiple of 32) -> uint8 [N, ceil(K/64) * 32] in the kernel's
+    (and GGUF Q4_K's) order: groups of 32 in pairs, byte i of a pair holding code i of the
+    first group in its low nibble and code i of the second in its high; a lone last group
+    has zero high nibbles."""
     n, k = codes.shape
-    grouped = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    pairs = -(-k // 64)
+    padded = codes.new_zeros(n, pairs * 64, dtype=torch.uint8)
+    padded[:, :k] = codes
+    grouped = padded.view(n, pairs, 2, 32)
+    return (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).reshape(n, pairs * 32).contiguous()

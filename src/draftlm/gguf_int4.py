@@ -1,17 +1,21 @@
-"""GGUF 4-bit blocks (Q4_0, Q4_1, Q4_K) straight into `quantize.Int4Linear`.
+"""4-bit weights in super-blocks (`Int4Groups`), and GGUF's 4-bit blocks straight into them.
 
-These formats store a weight in groups of 32 along its input, each value a 4-bit code with
-an affine map per group: value = scale * code + minimum. That is the layout of PyTorch's int4
-CPU kernel (groups of 32, a scale and a zero point each), so `--quantize int4` takes a
-file's own codes instead of quantizing its dequantized floats again. Min/max requantization
-lands on the file's grid only when a group uses codes 0 and 15 (Q4_1 does); Q4_0's symmetric
-grid and Q4_K's fitted scales would get a second rounding (on a tiny Q4_0 model: mean
-|error| 4.0e-3 requantized, 1.4e-4 with the file's codes). The one loss left: the kernel
-keeps scales and zero points in bfloat16.
+`Int4Groups` is the form `quantize.Int4Linear` and its kernel compute with, GGUF's Q4_K
+layout: groups of 32 values along the input, each value a 4-bit code, groups in
+super-blocks of 8 (256 values; the last of a row may hold fewer):
 
-Q4_K packs 8 groups into a 256-value super-block with 6-bit group scales and minimums;
-the gguf package's own unpacking (`Q4_K.get_scale_min`) decodes them. Other types (Q5, Q6_K,
-Q8_0, floats) have no 4-bit codes and are quantized from floats as before.
+    value = d * sub_scale * code + dmin * sub_min
+
+with an 8-bit unsigned scale and an 8-bit signed minimum per group and two floats per
+super-block. Why not a float scale per group: the kernel then sums a super-block's products
+in integers and converts to float once per 256 values instead of once per 32, which is most
+of its speed on AVX2 (see kernels/int4_avx2.cpp).
+
+A GGUF file's Q4_K blocks copy in exactly (6-bit scales and minimums fit the 8-bit fields).
+Q4_0 and Q4_1 keep their codes; their per-group float16 scales are rounded to 8 bits of
+their super-block's largest (relative error < 0.2% for the largest, more for groups far
+smaller). Other types (Q5, Q6_K, Q8_0, floats) have no 4-bit codes and are quantized from
+floats (`Int4Groups.quantize`).
 """
 
 from __future__ import annotations
@@ -25,33 +29,104 @@ import torch
 from torch import Tensor
 
 GROUP = 32
+SUPER = 8  # groups per super-block
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 
+def _per_super(values: Tensor) -> Tensor:
+    """[rows, G] -> [rows, S, 8], zero-padded to whole super-blocks."""
+    rows, groups = values.shape
+    supers = -(-groups // SUPER)
+    padded = values.new_zeros(rows, supers * SUPER)
+    padded[:, :groups] = values
+    return padded.view(rows, supers, SUPER)
+
+
+def _spread(values: Tensor, groups: int) -> Tensor:
+    """[rows, S] per super-block -> [rows, G] per group."""
+    return values.repeat_interleave(SUPER, dim=1)[:, :groups]
+
+
 @dataclass
 class Int4Groups:
-    """A [rows, cols] weight as 4-bit codes: value = scale * code + minimum per group of 32."""
+    """A [rows, cols] weight as 4-bit codes in super-blocks (module docstring)."""
 
-    codes: Tensor  # int32 [rows, cols], 0..15
-    scale: Tensor  # float32 [rows, cols // 32]
-    minimum: Tensor  # float32 [rows, cols // 32]
+    codes: Tensor  # uint8 [rows, cols], 0..15
+    sub_scale: Tensor  # uint8 [rows, G], G = cols / 32
+    sub_min: Tensor  # int8 [rows, G]
+    d: Tensor  # float32 [rows, S], S = ceil(G / 8)
+    dmin: Tensor  # float32 [rows, S]
+
+    def group_affine(self) -> tuple[Tensor, Tensor]:
+        """(scale, minimum) per group, float32 [rows, G]: value = scale * code + minimum."""
+        groups = self.sub_scale.shape[1]
+        return (_spread(self.d, groups) * self.sub_scale.float(),
+                _spread(self.dmin, groups) * self.sub_min.float())
 
     def dequantize(self) -> Tensor:
         rows, cols = self.codes.shape
+        scale, minimum = self.group_affine()
         grouped = self.codes.view(rows, cols // GROUP, GROUP).float()
-        return (grouped * self.scale[..., None] + self.minimum[..., None]).view(rows, cols)
+        return (grouped * scale[..., None] + minimum[..., None]).view(rows, cols)
+
+    @classmethod
+    def from_affine(cls, codes: Tensor, scale: Tensor, minimum: Tensor) -> Int4Groups:
+        """Codes with a float scale and minimum per group (Q4_0, Q4_1): the scales and
+        minimums rounded to 8 bits of their super-block's largest, the codes kept (a group
+        with a negative scale, as Q4_0 writes, has its codes mirrored: 15 - code)."""
+        groups = scale.shape[1]
+        flip = scale < 0
+        if flip.any():
+            rows, cols = codes.shape
+            mirrored = (15 - codes.view(rows, groups, GROUP).int()).to(codes.dtype)
+            codes = torch.where(flip[..., None], mirrored,
+                                codes.view(rows, groups, GROUP)).view(rows, cols)
+            minimum = torch.where(flip, minimum + 15 * scale, minimum)
+            scale = scale.abs()
+        d = _per_super(scale.float()).amax(-1) / 255
+        dmin = _per_super(minimum.float()).abs().amax(-1) / 127
+        sub_scale = (scale / _spread(d, groups).clamp(min=1e-30)).round().clamp(0, 255)
+        sub_min = (minimum / _spread(dmin, groups).clamp(min=1e-30)).round().clamp(-127, 127)
+        return cls(codes.to(torch.uint8), sub_scale.to(torch.uint8), sub_min.to(torch.int8),
+                   d, dmin)
+
+    @classmethod
+    def quantize(cls, weight: Tensor) -> Int4Groups:
+        """Float weight [rows, cols] (cols a multiple of 32) -> 4-bit groups: each group's
+        minimum rounded down onto its super-block's 8-bit grid, the scale fitted to reach
+        the group's maximum, then the codes rounded against both."""
+        rows, cols = weight.shape
+        groups = cols // GROUP
+        w = weight.float().reshape(rows, groups, GROUP)
+        lo, hi = w.amin(-1), w.amax(-1)
+        dmin = _per_super(lo).abs().amax(-1) / 127
+        step_min = _spread(dmin, groups)
+        sub_min = torch.where(step_min > 0, torch.floor(lo / step_min.clamp(min=1e-30)),
+                              torch.zeros_like(lo)).clamp(-127, 127)
+        minimum = sub_min * step_min
+        scale = (hi - minimum).clamp(min=0) / 15
+        d = _per_super(scale).amax(-1) / 255
+        step = _spread(d, groups)
+        sub_scale = torch.where(step > 0, (scale / step.clamp(min=1e-30)).round(),
+                                torch.zeros_like(scale)).clamp(0, 255)
+        group_scale = (sub_scale * step)[..., None]
+        codes = torch.where(group_scale > 0,
+                            ((w - minimum[..., None]) / group_scale.clamp(min=1e-30)).round(),
+                            torch.zeros_like(w)).clamp(0, 15)
+        return cls(codes.reshape(rows, cols).to(torch.uint8), sub_scale.to(torch.uint8),
+                   sub_min.to(torch.int8), d, dmin)
 
     def permute_rows(self, permute) -> Int4Groups:
         """The same rows reordered by `permute` (a function of a [rows, n] tensor)."""
-        return Int4Groups(permute(self.codes), permute(self.scale), permute(self.minimum))
+        return Int4Groups(*(permute(t) for t in (self.codes, self.sub_scale, self.sub_min,
+                                                  self.d, self.dmin)))
 
     @staticmethod
     def concat(parts: list[Int4Groups]) -> Int4Groups:
         """Rows of `parts` stacked, for the fused q/k/v and gate/up layers."""
-        return Int4Groups(torch.cat([p.codes for p in parts]),
-                          torch.cat([p.scale for p in parts]),
-                          torch.cat([p.minimum for p in parts]))
+        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts])
+                            for f in ("codes", "sub_scale", "sub_min", "d", "dmin")))
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -67,29 +142,30 @@ def decode_int4(data: np.ndarray, qtype: gguf.GGMLQuantizationType, rows: int,
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, type_size)
     n = blocks.shape[0]
+    if block_size * n != rows * cols:
+        raise ValueError(f"{n} blocks of {block_size} do not hold a {rows} x {cols} weight")
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [n, 1]
-    if qtype == Q.Q4_0:  # value = d * (code - 8)
-        codes = _nibbles(blocks[:, 2:].reshape(n, 1, 16))
-        scale, minimum = d, -8.0 * d
-    elif qtype == Q.Q4_1:  # value = d * code + m
-        codes = _nibbles(blocks[:, 4:].reshape(n, 1, 16))
-        scale, minimum = d, blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    else:  # Q4_K: value = d * sc[j] * code - dmin * m[j] for group j of 8
+
+    def per_row(values: np.ndarray, dtype) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values.astype(dtype)).reshape(rows, -1))
+
+    if qtype == Q.Q4_K:  # value = d * sc[j] * code - dmin * m[j] for group j of 8: exact
         dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
         sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
         # 4 chunks of 32 bytes: low nibbles are group 2i, high nibbles group 2i + 1.
         qs = blocks[:, 16:].reshape(n, 4, 32)
         codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)
-        scale, minimum = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
-    if block_size * n != rows * cols:
-        raise ValueError(f"{n} blocks of {block_size} do not hold a {rows} x {cols} weight")
-
-    def per_group(values: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)
-                                .reshape(rows, cols // GROUP))
-
-    return Int4Groups(torch.from_numpy(codes.reshape(rows, cols).astype(np.int32)),
-                      per_group(scale), per_group(minimum))
+        return Int4Groups(per_row(codes, np.uint8), per_row(sc, np.uint8),
+                          per_row(m, np.int8), per_row(d, np.float32),
+                          per_row(-dmin, np.float32))
+    if qtype == Q.Q4_0:  # value = d * (code - 8)
+        codes = _nibbles(blocks[:, 2:].reshape(n, 1, 16))
+        scale, minimum = d, -8.0 * d
+    else:  # Q4_1: value = d * code + m
+        codes = _nibbles(blocks[:, 4:].reshape(n, 1, 16))
+        scale, minimum = d, blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return Int4Groups.from_affine(per_row(codes, np.uint8), per_row(scale, np.float32),
+                                  per_row(minimum, np.float32))
 
 
 def read_int4_groups(path: str | Path, n_heads: int, n_kv_heads: int) -> dict[str, Int4Groups]:

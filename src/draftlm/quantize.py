@@ -16,14 +16,15 @@ reads one row):
   Weights use 7 bits (|q| <= 63) so that the AVX2 pairwise u8 x s8 sums can never saturate
   int16 with full 8-bit activations (measured: perplexity +0.1% on Qwen2.5-Coder-1.5B,
   where 8-bit weights with fbgemm's 7-bit activations cost +0.8%).
-* `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, run by
-  draftlm's AVX2 kernel (`cpu_kernels`, llama.cpp's scheme: int8 activations per group of
-  32, byte dot products), or PyTorch's packed kernel where that cannot be built. Rows are
+* `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, in GGUF
+  Q4_K's super-blocks (`gguf_int4.Int4Groups`), run by draftlm's AVX2 kernel
+  (`cpu_kernels`, llama.cpp's Q4_K x Q8_K scheme: int8 activations, byte dot products,
+  integer group scales), or PyTorch's packed kernel where that cannot be built. Rows are
   independent in both kernels, so verify passes stay batch-invariant.
 
-Both are CPU kernels. For int4, GGUF tensors stored as Q4_0, Q4_1 or Q4_K keep their own
-codes (`gguf_int4`: those blocks are groups of 32 with an affine map, this layer's layout);
-every other tensor is dequantized on load and quantized here.
+Both are CPU kernels. For int4, GGUF tensors stored as Q4_K (exactly), Q4_0 or Q4_1 keep
+their own codes (`gguf_int4`); every other tensor is dequantized on load and quantized
+here.
 """
 
 from __future__ import annotations
@@ -130,11 +131,11 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int4Linear(_QuantizedLinear):
-    """Weight-only int4: groups of 32 along the input, a scale and a minimum each.
+    """Weight-only int4: groups of 32 along the input in super-blocks of 8 (`Int4Groups`).
 
-    Runs draftlm's AVX2 kernel (`cpu_kernels`: int8 activations per group, float16 scales)
-    where it can be built, else PyTorch's packed kernel (bfloat16 activations and scales,
-    out_features a multiple of 16)."""
+    Runs draftlm's AVX2 kernel (`cpu_kernels`: int8 activations, integer group scales)
+    where it can be built, else PyTorch's packed kernel (bfloat16 activations and a
+    bfloat16 scale and zero point per group, out_features a multiple of 16)."""
 
     mode = "int4"
 
@@ -145,35 +146,32 @@ class Int4Linear(_QuantizedLinear):
         if in_f % INT4_GROUP:
             raise DraftlmError(f"--quantize int4 needs in_features divisible by {INT4_GROUP}, "
                                f"got {in_f} x {out_f}")
-        w = weight.float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-        self._set_codes(q, scale.squeeze(-1), lo.squeeze(-1))
+        self._set_groups(Int4Groups.quantize(weight))
 
     @classmethod
     def from_groups(cls, groups: Int4Groups, bias: Tensor | None = None) -> Int4Linear:
-        """A layer holding 4-bit codes as they are (a GGUF file's Q4_0/Q4_1/Q4_K blocks)."""
+        """A layer holding 4-bit codes as they are (a GGUF file's Q4_K/Q4_0/Q4_1 blocks)."""
         rows, cols = groups.codes.shape
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._set_shape(cols, rows, bias)
-        layer._set_codes(groups.codes, groups.scale, groups.minimum)
+        layer._set_groups(groups)
         return layer
 
-    def _set_codes(self, q: Tensor, scale: Tensor, minimum: Tensor) -> None:
-        """Store codes q (int [out, in], 0..15) with value = scale * q + minimum per group."""
+    def _set_groups(self, groups: Int4Groups) -> None:
+        """Store `groups` in the layout of the kernel this machine runs."""
         if int4_kernel_available():
             self.kernel = "draftlm"
-            self.register_buffer("codes", pack_int4(q), persistent=False)
-            self.register_buffer("scale", scale.to(torch.float16).contiguous(), persistent=False)
-            self.register_buffer("minimum", minimum.to(torch.float16).contiguous(),
-                                 persistent=False)
+            self.register_buffer("codes", pack_int4(groups.codes), persistent=False)
+            for name in ("sub_scale", "sub_min", "d", "dmin"):
+                self.register_buffer(name, getattr(groups, name).contiguous(), persistent=False)
             return
+        q = groups.codes
         if q.shape[0] % 16:
             raise DraftlmError(f"--quantize int4 with PyTorch's kernel needs out_features "
                                f"divisible by 16 (its tile), got {q.shape[0]}")
         self.kernel = "torch"
+        scale, minimum = groups.group_affine()
         # PyTorch's kernel computes (q - 8) * scale + zero: zero is the value of level 8.
         zero = minimum + 8 * scale
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(
@@ -185,16 +183,16 @@ class Int4Linear(_QuantizedLinear):
     @property
     def weight_bytes(self) -> int:
         """Bytes one forward pass reads for the weight (codes and their scales)."""
-        names = ("codes", "scale", "minimum") if self.kernel == "draftlm" else (
-            "packed", "scales_zeros")
+        names = ("codes", "sub_scale", "sub_min", "d", "dmin") if self.kernel == "draftlm" \
+            else ("packed", "scales_zeros")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1])
         if self.kernel == "draftlm":
-            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.scale,
-                                                  self.minimum)
+            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.sub_scale,
+                                                  self.sub_min, self.d, self.dmin)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed,
                                                   INT4_GROUP, self.scales_zeros).float()
