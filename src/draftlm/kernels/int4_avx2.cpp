@@ -145,6 +145,10 @@ inline void dot_rows(const Weights& w, int64_t n, const Activations& a, int64_t 
     const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
     const __m128i mins = _mm_cvtepi8_epi16(mn8);
     const uint8_t* cs = codes + g0 * 16;
+    // Two super-blocks ahead: the hardware prefetcher alone leaves a decode step (one
+    // activation row, little work per byte) waiting on memory.
+    _mm_prefetch(reinterpret_cast<const char*>(cs + 256), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cs + 320), _MM_HINT_T0);
     __m256i isum[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
