@@ -164,3 +164,39 @@ def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, eager_logits[2], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(other_size, eager_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_compiled_verify_pads_to_one_graph_and_matches_eager() -> None:
+    """Passes of 2..5 tokens run one padded graph of 5; real tokens' logits equal eager
+    ones to float rounding, the padding leaves nothing behind, the end of the cache
+    falls back to eager."""
+    import torch._dynamo
+
+    model = make_tiny_lm(seed=3).model
+    ids = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def passes() -> list[torch.Tensor]:
+        out = []
+        model.setup_cache(1, 20)
+        model(ids[:, :6], start_pos=0)
+        pos = 6
+        for t in (2, 5, 3, 4):
+            out.append(model(ids[:, pos : pos + t], start_pos=pos))
+            assert model.cache_len == pos + t
+            pos += t - 1
+            model.rollback(pos)  # as after a rejection: the last token is fed again
+        out.append(model(ids[:, 16:20], start_pos=16))  # no room for padding: eager
+        return out
+
+    with torch.inference_mode():
+        eager = passes()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.compile_verify(5)
+        compiled = passes()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for e, c in zip(eager, compiled, strict=True):
+        assert e.shape == c.shape
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)

@@ -299,3 +299,19 @@ def test_qwen_pair_greedy_speculative_equals_plain_greedy() -> None:
         for drafter, result in zip(drafters, results, strict=True):
             assert result.token_ids == expected.token_ids, drafter.name
         assert results[0].stats["num_accepted"] > 0  # the 0.5B draft does agree
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_a_compiled_target_verifies_through_its_padded_graph() -> None:
+    """`--compile all`: the target's verify passes are compiled too (one graph of
+    max draft + 1 tokens) and greedy output stays the compiled target's own."""
+    target = no_eos_lm(0)
+    draft = noisy_copy(target)
+    target.model.compile_decode_step()
+    expected = generate(target, PROMPT, max_new_tokens=40).token_ids
+    result = generate(target, PROMPT, max_new_tokens=40,
+                      drafter=ModelDrafter(draft, target, 4, adaptive=True))
+    assert target.model.verify_len == 5
+    assert result.token_ids == expected
+    assert 0 < result.stats["num_accepted"] < result.stats["num_drafted"]

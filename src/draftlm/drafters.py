@@ -161,7 +161,14 @@ class ModelDrafter(Drafter):
     def begin(self, prompt_ids: Sequence[int], cache_len: int, device: torch.device) -> None:
         super().begin(prompt_ids, cache_len, device)
         self._capacity = min(cache_len, self.draft.config.max_seq_len)
-        self.draft.model.setup_cache(1, self._capacity)
+        model = self.draft.model
+        slack = 0
+        if model.compiled:
+            # After a fully accepted draft the draft model catches up on two tokens (its
+            # last draft and the target's bonus token): one small compiled graph.
+            model.compile_verify(2)
+            slack = min(1, self.draft.config.max_seq_len - self._capacity)
+        model.setup_cache(1, self._capacity + slack)
         self._cached, self._uncommitted = [], None
 
     def _fit_vocab(self, logits: Tensor) -> Tensor:

@@ -207,6 +207,8 @@ class Transformer(nn.Module):
         self.max_cache_len = 0
         self._rope: tuple[Tensor, Tensor] | None = None
         self._compiled_step = None  # set by compile_decode_step
+        self._compiled_verify = None  # set by compile_verify
+        self.verify_len = 0
 
     # ---- weights -----------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -275,6 +277,39 @@ class Transformer(nn.Module):
         self._rope_tables(self.embed_tokens.weight.device)
         self._compiled_step = torch.compile(self._decode_one, dynamic=True, fullgraph=True)
 
+    @property
+    def compiled(self) -> bool:
+        """True once `compile_decode_step` has run."""
+        return self._compiled_step is not None
+
+    def compile_verify(self, length: int) -> None:
+        """Run cached passes of 2..`length` tokens (speculative verify passes) through
+        torch.compile as one graph of exactly `length` tokens: shorter passes are padded
+        with copies of their last token, whose keys/values land past the real ones and are
+        forgotten at once (the cache needs `length` - 1 positions of slack; a pass near the
+        end of the cache runs eager). One fixed shape means one compile, whatever draft
+        lengths an adaptive drafter picks. Each real token still attends over exactly the
+        positions before it, so padding never changes its logits."""
+        if length < 2 or length > SMALL_STEP:
+            raise ValueError(f"verify length must be in [2, {SMALL_STEP}], got {length}")
+        if self._compiled_verify is not None and self.verify_len == length:
+            return
+        self._rope_tables(self.embed_tokens.weight.device)
+        self.verify_len = length
+        self._compiled_verify = torch.compile(self._verify_many, dynamic=True, fullgraph=True)
+
+    def _verify_many(self, input_ids: Tensor, pos: int) -> Tensor:
+        """Logits [B, T, V] of T tokens at positions pos.. (cache holds pos > 0)."""
+        assert self._rope is not None
+        t = input_ids.shape[1]
+        cos, sin = self._rope[0][pos : pos + t], self._rope[1][pos : pos + t]
+        seen = torch.arange(pos + t, device=input_ids.device)
+        mask = seen[None, :] <= (pos + torch.arange(t, device=input_ids.device))[:, None]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, mask)
+        return self.lm_head(self.norm(x))
+
     def _decode_one(self, input_ids: Tensor, pos: int) -> Tensor:
         """Logits [B, 1, V] of one token per row at position `pos` (cache holds pos)."""
         assert self._rope is not None
@@ -326,6 +361,14 @@ class Transformer(nn.Module):
                 logits = self._compiled_step(ids, first)
             self.cache_len = first + 1
             return logits
+        if (self._compiled_verify is not None and use_cache and first > 0
+                and 1 < t <= self.verify_len and first + self.verify_len <= self.max_cache_len):
+            pad = input_ids[:, -1:].expand(b, self.verify_len - t)
+            ids = torch.cat((input_ids, pad), dim=1).contiguous()
+            with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+                logits = self._compiled_verify(ids, first)
+            self.cache_len = first + t  # the padding's cache entries: forgotten
+            return logits[:, t - (num_logits or t) : t]
         cos, sin = self._rope_tables(input_ids.device)
         cos, sin = cos[first : first + t], sin[first : first + t]
         mask = None

@@ -34,6 +34,7 @@ from draftlm.errors import DraftlmError
 from draftlm.flags import check_confidence
 from draftlm.generate import GenerationResult, OutputTracker
 from draftlm.load import LM
+from draftlm.model import SMALL_STEP
 from draftlm.sampling import SamplingParams, logits_to_probs
 
 __all__ = [
@@ -119,7 +120,12 @@ def speculative_decode(
     model = lm.model
     device = lm.device
     start = time.perf_counter()
-    model.setup_cache(1, cache_len)
+    slack = 0
+    if model.compiled and drafter.policy.max_length + 1 <= SMALL_STEP:
+        # A compiled target verifies through one padded graph of max draft + 1 tokens.
+        model.compile_verify(drafter.policy.max_length + 1)
+        slack = min(drafter.policy.max_length, model.config.max_seq_len - cache_len)
+    model.setup_cache(1, cache_len + slack)
     drafter.begin(prompt_ids, cache_len, device)
     ids = [int(t) for t in prompt_ids]
     if len(ids) > 1:  # the last prompt token goes in with the first draft
