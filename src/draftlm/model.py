@@ -263,7 +263,7 @@ class Transformer(nn.Module):
     # ---- compiled decode step ----------------------------------------------------------
     def compile_decode_step(self) -> None:
         """Run every one-token cached step (AR decoding, a draft model's proposals) through
-        torch.compile; prefill and verify passes stay eager.
+        torch.compile; prefill stays eager (verify passes: `compile_verify`).
 
         A one-token step of a small model on a CPU is mostly Python and dispatch overhead:
         SmolLM2-135M makes ~1,000 small op calls per token across its 30 layers, and they
@@ -289,7 +289,8 @@ class Transformer(nn.Module):
         forgotten at once (the cache needs `length` - 1 positions of slack; a pass near the
         end of the cache runs eager). One fixed shape means one compile, whatever draft
         lengths an adaptive drafter picks. Each real token still attends over exactly the
-        positions before it, so padding never changes its logits."""
+        positions before it, so padding never changes its logits. The graph is compiled
+        here, on a scratch cache, not inside the caller's first timed generation."""
         if length < 2 or length > SMALL_STEP:
             raise ValueError(f"verify length must be in [2, {SMALL_STEP}], got {length}")
         if self._compiled_verify is not None and self.verify_len == length:
@@ -297,6 +298,14 @@ class Transformer(nn.Module):
         self._rope_tables(self.embed_tokens.weight.device)
         self.verify_len = length
         self._compiled_verify = torch.compile(self._verify_many, dynamic=True, fullgraph=True)
+        # Compile now, on a scratch cache (the caller sets up its own next), not in the
+        # middle of a timed generation. Position 3, not 0 or 1, which torch would specialize.
+        device = self.embed_tokens.weight.device
+        with torch.inference_mode():
+            self.setup_cache(1, length + 4)
+            self(torch.zeros(1, 3, dtype=torch.long, device=device), start_pos=0)
+            self(torch.zeros(1, 2, dtype=torch.long, device=device), start_pos=3)
+        self.cache_len = 0
 
     def _verify_many(self, input_ids: Tensor, pos: int) -> Tensor:
         """Logits [B, T, V] of T tokens at positions pos.. (cache holds pos > 0)."""
