@@ -89,6 +89,8 @@ def test_bench_writes_every_configuration(folders, tmp_path, capsys) -> None:
     for row in report["results"]:
         assert row["num_prompts"] == 2 and row["num_new_tokens"] == 24
         assert row["same_as_ar"] in (None, 2)  # greedy: every drafter reproduces AR
+        # decode-only rate (no prefill): plain decoding rows only
+        assert (row["decode_tokens_per_second"] is None) == (row["kind"] != "ar")
         if row["kind"] != "ar":
             assert 0.0 <= row["acceptance_rate"] <= 1.0
             assert row["tokens_per_target_forward"] >= 1.0

@@ -74,10 +74,20 @@ class BenchRow:
     target_s: float = 0.0
     same_as_ar: int | None = None
     outputs: list[list[int]] = field(default_factory=list)
+    # Plain decoding rows (ours, llama.cpp): time until each prompt's first new token.
+    first_token_s: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first per second after the first: decoding without the prompt's
+        prefill (known for plain decoding rows only)."""
+        if self.first_token_s is None or self.elapsed_s <= self.first_token_s:
+            return None
+        return (self.num_new_tokens - self.num_prompts) / (self.elapsed_s - self.first_token_s)
 
     def count_same(self, other: BenchRow) -> int:
         """Prompts on which `other` produced exactly this row's tokens."""
@@ -92,6 +102,8 @@ class BenchRow:
             "num_new_tokens": self.num_new_tokens,
             "elapsed_s": round(self.elapsed_s, 3),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 3)
+            if self.decode_tokens_per_second is not None else None,
             "speedup": round(self.tokens_per_second / ar_tokens_per_second, 3)
             if ar_tokens_per_second > 0 else None,
             "acceptance_rate": round(self.num_accepted / self.num_drafted, 4)
@@ -211,6 +223,8 @@ def run_config(
         row.num_new_tokens += result.num_new_tokens
         row.elapsed_s += result.elapsed_s
         row.outputs.append(result.token_ids)
+        if drafter is None:
+            row.first_token_s = (row.first_token_s or 0.0) + result.prefill_s
         stats = result.stats
         row.num_drafted += stats.get("num_drafted", 0)
         row.num_accepted += stats.get("num_accepted", 0)
@@ -258,13 +272,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
-    head = ("| configuration | tok/s | speedup | acceptance | tokens/forward | draft s | "
-            "target s | same as AR |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| configuration | tok/s | decode tok/s | speedup | acceptance | tokens/forward | "
+            "draft s | target s | same as AR |")
+    lines = [head, "|" + "---|" * 9]
     for s in summaries:
         same = f"{s['same_as_ar']}/{s['num_prompts']}" if s["same_as_ar"] is not None else "-"
         lines.append(
-            f"| {s['label']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['speedup'])}x | "
+            f"| {s['label']} | {_fmt(s['tokens_per_second'])} | "
+            f"{_fmt(s.get('decode_tokens_per_second'))} | {_fmt(s['speedup'])}x | "
             f"{_fmt(s['acceptance_rate'])} | {_fmt(s['tokens_per_target_forward'])} | "
             f"{_fmt(s['draft_s'], 1)} | {_fmt(s['target_s'], 1)} | {same} |"
         )

@@ -89,7 +89,8 @@ def run_llama_cpp_peer(
     log: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     """llama.cpp's greedy AR decoding (llama-cpp-python) of the same GGUF file, prompt
-    tokens and thread count; its tokens/s counts prefill too, as ours does."""
+    tokens and thread count; its tokens/s counts prefill too, as ours does, and its time to
+    the first token gives the decode-only rate."""
     try:
         from llama_cpp import Llama
     except ModuleNotFoundError as err:
@@ -101,7 +102,7 @@ def run_llama_cpp_peer(
     llm = Llama(model_path=str(gguf_file_of(model)), n_ctx=longest, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
     eos = llm.token_eos()
-    row = BenchRow(BenchConfig("llama.cpp"))
+    row = BenchRow(BenchConfig("llama.cpp"), first_token_s=0.0)
     for i, ids in enumerate([prompt_ids[0], *prompt_ids]):
         limit = 4 if i == 0 else max_new_tokens
         new: list[int] = []
@@ -111,6 +112,8 @@ def run_llama_cpp_peer(
             if token == eos:
                 break
             new.append(int(token))
+            if len(new) == 1 and i > 0:
+                row.first_token_s += time.perf_counter() - start
             if len(new) == limit:
                 break
         if i == 0:
