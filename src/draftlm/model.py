@@ -301,6 +301,8 @@ class Transformer(nn.Module):
         # Compile now, on a scratch cache (the caller sets up its own next), not in the
         # middle of a timed generation. Position 3, not 0 or 1, which torch would specialize.
         device = self.embed_tokens.weight.device
+        if self.config.max_seq_len < length + 4:
+            return  # too short a context to warm up: the first real pass compiles
         with torch.inference_mode():
             self.setup_cache(1, length + 4)
             self(torch.zeros(1, 3, dtype=torch.long, device=device), start_pos=0)
