@@ -88,14 +88,18 @@ def test_greedy_model_draft_equals_plain_greedy(pair, k: int, adaptive: bool) ->
 
 @pytest.mark.slow
 @needs_cpp_compiler
-def test_a_compiled_draft_keeps_greedy_output_exact() -> None:
-    """`--compile draft`: the draft's steps are compiled, the target stays eager."""
+@pytest.mark.parametrize("compiled", ["draft", "target"])
+def test_compiled_steps_keep_greedy_output_exact(compiled: str) -> None:
+    """`--compile draft`: the draft's steps are compiled, the target stays eager.
+    `--compile all`: the target's verify passes are compiled too (one padded graph of
+    max draft + 1 tokens) and greedy output stays the compiled target's own."""
     target = no_eos_lm(0)
     draft = noisy_copy(target)
-    draft.model.compile_decode_step()
+    (draft if compiled == "draft" else target).model.compile_decode_step()
     expected = generate(target, PROMPT, max_new_tokens=40).token_ids
     result = generate(target, PROMPT, max_new_tokens=40,
                       drafter=ModelDrafter(draft, target, 4, adaptive=True))
+    assert target.model.verify_len == (5 if compiled == "target" else 0)
     assert result.token_ids == expected
     assert 0 < result.stats["num_accepted"] < result.stats["num_drafted"]
 
@@ -300,18 +304,3 @@ def test_qwen_pair_greedy_speculative_equals_plain_greedy() -> None:
             assert result.token_ids == expected.token_ids, drafter.name
         assert results[0].stats["num_accepted"] > 0  # the 0.5B draft does agree
 
-
-@pytest.mark.slow
-@needs_cpp_compiler
-def test_a_compiled_target_verifies_through_its_padded_graph() -> None:
-    """`--compile all`: the target's verify passes are compiled too (one graph of
-    max draft + 1 tokens) and greedy output stays the compiled target's own."""
-    target = no_eos_lm(0)
-    draft = noisy_copy(target)
-    target.model.compile_decode_step()
-    expected = generate(target, PROMPT, max_new_tokens=40).token_ids
-    result = generate(target, PROMPT, max_new_tokens=40,
-                      drafter=ModelDrafter(draft, target, 4, adaptive=True))
-    assert target.model.verify_len == 5
-    assert result.token_ids == expected
-    assert 0 < result.stats["num_accepted"] < result.stats["num_drafted"]
