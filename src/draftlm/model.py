@@ -114,6 +114,13 @@ def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
     return (probs @ v).view(b, h, t, d)
 
 
+def past_mask(first: int, t: int, device: torch.device) -> Tensor:
+    """[t, first + t] bool: new token i sits at position first + i and may see every
+    position up to it (a cached pass after `first` positions)."""
+    seen = torch.arange(first + t, device=device)
+    return seen[None, :] <= (first + torch.arange(t, device=device))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -314,8 +321,7 @@ class Transformer(nn.Module):
         assert self._rope is not None
         t = input_ids.shape[1]
         cos, sin = self._rope[0][pos : pos + t], self._rope[1][pos : pos + t]
-        seen = torch.arange(pos + t, device=input_ids.device)
-        mask = seen[None, :] <= (pos + torch.arange(t, device=input_ids.device))[:, None]
+        mask = past_mask(pos, t, input_ids.device)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, mask)
@@ -384,9 +390,7 @@ class Transformer(nn.Module):
         cos, sin = cos[first : first + t], sin[first : first + t]
         mask = None
         if use_cache and first > 0 and t > 1:
-            # New token i sits at position first + i and may see every position up to it.
-            seen = torch.arange(first + t, device=input_ids.device)
-            mask = seen[None, :] <= (first + torch.arange(t, device=input_ids.device))[:, None]
+            mask = past_mask(first, t, input_ids.device)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, mask)
