@@ -29,8 +29,7 @@ def random_groups(n: int, k: int, seed: int = 0) -> Int4Groups:
 
 
 def run(x: torch.Tensor, groups: Int4Groups) -> torch.Tensor:
-    return torch.ops.draftlm_cpu.int4_linear(x, pack_int4(groups.codes), groups.sub_scale,
-                                             groups.sub_min, groups.d, groups.dmin)
+    return torch.ops.draftlm_cpu.int4_linear(x, *pack_int4(groups).values(), groups.codes.shape[0])
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
@@ -43,21 +42,32 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks / torch.where(step > 0, step, 1)) * step).view(m, -1)[:, :k]
 
 
-def test_pack_pairs_groups_in_low_and_high_nibbles() -> None:
-    codes = (torch.arange(96, dtype=torch.uint8) // 32 + 1).view(1, 96)  # groups 1, 2, 3
-    packed = pack_int4(codes)
-    assert packed.shape == (1, 64) and packed.dtype == torch.uint8
-    assert packed[0, :32].eq(1 | 2 << 4).all()  # groups 0 and 1 share bytes
-    assert packed[0, 32:].eq(3).all()  # the lone last group: low nibbles, zero high
+def test_pack_interleaves_rows_in_panels_of_eight() -> None:
+    """Row c's codes 32g + 4t .. + 3 at bytes 4c .. of step t (t < 4: low nibbles of
+    vector t, else high nibbles of vector t - 4); 10 rows make 2 panels, zero-padded."""
+    codes = torch.randint(0, 16, (10, 96), dtype=torch.uint8)
+    groups = Int4Groups(codes, torch.arange(30, dtype=torch.uint8).view(10, 3),
+                        torch.ones(10, 3, dtype=torch.int8), torch.ones(10, 1), torch.ones(10, 1))
+    packed = pack_int4(groups)
+    assert packed["codes"].shape == (2, 3, 128) and packed["mins"].shape == (2, 2, 16)
+    for row, g, t, i in [(0, 0, 0, 0), (3, 1, 2, 3), (9, 2, 5, 1), (7, 2, 7, 3)]:
+        p, c = divmod(row, 8)
+        byte = int(packed["codes"][p, g, (t % 4) * 32 + 4 * c + i])
+        nibble = byte & 15 if t < 4 else byte >> 4
+        assert nibble == int(codes[row, 32 * g + 4 * t + i])
+    assert packed["codes"][1].view(3, 4, 32)[:, :, 4 * 2:].eq(0).all()  # rows 10..15: padding
+    assert packed["scales"][0, 1, 6:8].tolist() == [3 * 3 + 1] * 2  # row 3, group 1
+    assert packed["mins"][1, 1].tolist()[:4] == [1, 0, 1, 0]  # group 3 is padding
 
 
 @kernel
-@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 96), (5, 1536), (9, 32), (6, 896),
-                                      (40, 320)])
-def test_kernel_equals_the_dot_product_of_its_quantized_activations(m: int, k: int) -> None:
-    """Lone last groups, short last super-blocks, row blocks of 4 plus a remainder, row
-    chunks of 32 (a prefill): all exact up to float sums."""
-    groups = random_groups(40, k)
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 40), (3, 96, 13), (5, 1536, 40),
+                                           (9, 32, 8), (6, 896, 7), (40, 320, 41)])
+def test_kernel_equals_the_dot_product_of_its_quantized_activations(m: int, k: int,
+                                                                    n: int) -> None:
+    """Lone last groups, short last super-blocks, row blocks of 4 plus a remainder, a
+    part-filled last panel: all exact up to float sums."""
+    groups = random_groups(n, k)
     x = torch.randn(m, k)
     if m > 1:
         x[0, :256] = 0  # an all-zero super-block has no activation scale

@@ -22,9 +22,13 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from draftlm.gguf_int4 import Int4Groups
 
 SOURCE = Path(__file__).parent / "kernels" / "int4_avx2.cpp"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
@@ -74,19 +78,38 @@ def int4_kernel_available() -> bool:
     return _loaded["int4"]
 
 
-def _int4_linear_shape(x: Tensor, codes: Tensor, sub_scale: Tensor, sub_min: Tensor, d: Tensor,
-                       dmin: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _int4_linear_shape(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, d: Tensor,
+                       dmin: Tensor, n: int) -> Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
-def pack_int4(codes: Tensor) -> Tensor:
-    """Codes [N, K] (0..15, K a multiple of 32) -> uint8 [N, ceil(K/64) * 32] in the kernel's
-    (and GGUF Q4_K's) order: groups of 32 in pairs, byte i of a pair holding code i of the
-    first group in its low nibble and code i of the second in its high; a lone last group
-    has zero high nibbles."""
+def pack_int4(groups: Int4Groups) -> dict[str, Tensor]:
+    """`Int4Groups` -> the kernel's buffers (kernels/int4_avx2.cpp): rows in panels of 8
+    (zero rows pad the last), codes interleaved so that 32 bytes hold 4 consecutive codes
+    of each of the 8 rows, two such vectors per byte (low and high nibbles), group scales
+    doubled per row, minimums of group pairs side by side, d/dmin 8 rows wide."""
+    codes = groups.codes
     n, k = codes.shape
-    pairs = -(-k // 64)
-    padded = codes.new_zeros(n, pairs * 64, dtype=torch.uint8)
-    padded[:, :k] = codes
-    grouped = padded.view(n, pairs, 2, 32)
-    return (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).reshape(n, pairs * 32).contiguous()
+    g, s = k // 32, groups.d.shape[1]
+    panels, h = -(-n // 8), -(-g // 2)
+
+    def rows8(t: Tensor, cols: int) -> Tensor:
+        """[n, c] -> [panels, 8, cols], zero-padded in both dimensions."""
+        padded = t.new_zeros(panels * 8, cols)
+        padded[:n, : t.shape[1]] = t
+        return padded.view(panels, 8, cols)
+
+    # [P, 8 rows, G, 8 steps, 4] -> [P, G, 8 steps, 8 rows * 4]: step t of group g is a
+    # 32-byte vector with row c's codes 32g + 4t .. + 3 at bytes 4c .. 4c + 3.
+    steps = rows8(codes, k).view(panels, 8, g, 8, 4).permute(0, 2, 3, 1, 4)
+    steps = steps.reshape(panels, g, 8, 32)
+    packed = steps[:, :, :4] | (steps[:, :, 4:] << 4)
+    scales = rows8(groups.sub_scale, g).transpose(1, 2).repeat_interleave(2, dim=2)
+    mins = rows8(groups.sub_min, 2 * h).view(panels, 8, h, 2).permute(0, 2, 1, 3)
+    return {
+        "codes": packed.reshape(panels, g, 128).contiguous(),
+        "scales": scales.contiguous(),
+        "mins": mins.reshape(panels, h, 16).contiguous(),
+        "d": rows8(groups.d.float(), s).transpose(1, 2).contiguous(),
+        "dmin": rows8(groups.dmin.float(), s).transpose(1, 2).contiguous(),
+    }

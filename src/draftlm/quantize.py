@@ -162,9 +162,8 @@ class Int4Linear(_QuantizedLinear):
         """Store `groups` in the layout of the kernel this machine runs."""
         if int4_kernel_available():
             self.kernel = "draftlm"
-            self.register_buffer("codes", pack_int4(groups.codes), persistent=False)
-            for name in ("sub_scale", "sub_min", "d", "dmin"):
-                self.register_buffer(name, getattr(groups, name).contiguous(), persistent=False)
+            for name, tensor in pack_int4(groups).items():
+                self.register_buffer(name, tensor, persistent=False)
             return
         q = groups.codes
         if q.shape[0] % 16:
@@ -183,7 +182,7 @@ class Int4Linear(_QuantizedLinear):
     @property
     def weight_bytes(self) -> int:
         """Bytes one forward pass reads for the weight (codes and their scales)."""
-        names = ("codes", "sub_scale", "sub_min", "d", "dmin") if self.kernel == "draftlm" \
+        names = ("codes", "scales", "mins", "d", "dmin") if self.kernel == "draftlm" \
             else ("packed", "scales_zeros")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
@@ -191,8 +190,9 @@ class Int4Linear(_QuantizedLinear):
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1])
         if self.kernel == "draftlm":
-            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.sub_scale,
-                                                  self.sub_min, self.d, self.dmin)
+            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.scales,
+                                                  self.mins, self.d, self.dmin,
+                                                  self.out_features)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed,
                                                   INT4_GROUP, self.scales_zeros).float()

@@ -2,25 +2,34 @@
 //
 // Why a kernel of our own: PyTorch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) runs
 // on bfloat16 activations and, on AVX2 machines without AVX512-BF16, decodes slower than
-// fbgemm's int8 even though it reads half the bytes. This is the scheme llama.cpp uses for
-// its Q4_K x Q8_K dot products: activations are quantized to int8 with one scale per 256
-// values, the 4-bit codes stay unsigned, _mm256_maddubs_epi16 multiplies 32 code and
-// activation bytes at a time (|15 * 127 * 2| fits int16, so nothing saturates), and the
-// 8-bit group scales multiply in integers (_mm256_madd_epi16), so a super-block of 8 groups
-// costs one conversion to float instead of eight.
+// fbgemm's int8 even though it reads half the bytes. The arithmetic is that of llama.cpp's
+// Q4_K x Q8_K products: activations quantized to int8 with one scale per 256 values, the
+// 4-bit codes unsigned, _mm256_maddubs_epi16 multiplying code and activation bytes, 8-bit
+// group scales applied in integers, one conversion to float per super-block of 256.
 //
-// Weight layout (GGUF's Q4_K order, so a file's Q4_K blocks copy straight in):
-//   codes  uint8 [N, ceil(G/2) * 32]: groups of 32 in pairs; byte i of a pair holds code i
-//          of the first group (low nibble) and code i of the second (high nibble); a lone
-//          last group uses the low nibbles only;
-//   sub_scale uint8 [N, G], sub_min int8 [N, G]: per group of 32;
-//   d, dmin float32 [N, S]: per super-block of 8 groups (the last may hold fewer);
-//   value = d * sub_scale * code + dmin * sub_min.
+// Layout: weight rows in panels of 8, interleaved (as llama.cpp's repacked q4_K_8x8 for
+// the same reason). A 32-byte vector holds 4 consecutive codes of each of the panel's 8
+// rows, and the activation's matching 4 bytes are broadcast to all 8 lanes; one maddubs
+// then gives each row two int16 partial sums. A group's 8 such products add up in int16
+// (|sum| <= 16 * 15 * 127 < 2^15) and meet the group scales in one _mm256_madd_epi16 for
+// all 8 rows. Integer multiplies are what limits this kernel once activations are reused
+// (a verify pass, a prefill: about one 256-bit multiply per cycle here), and this costs
+// 9 of them per 256 products per row instead of 16 with one weight row per vector.
+// Outputs come out 8 rows wide, with no horizontal sums.
+//
+//   codes  uint8 [P, G, 128]: per panel p and group g, 4 vectors of 32 bytes; byte
+//          4c + i of vector q holds code (32g + 4q + i) of row 8p + c in its low nibble
+//          and code (32g + 4(q + 4) + i) in its high nibble;
+//   scales uint8 [P, G, 16]: the group scale of row c at bytes 2c and 2c + 1;
+//   mins   int8  [P, ceil(G/2), 16]: for groups 2h, 2h + 1: row c's minimums at 2c, 2c + 1;
+//   d, dmin float32 [P, S, 8]: per super-block of 8 groups (the last may hold fewer);
+//   value = d * scale * code + dmin * min.   P = ceil(N / 8), padding rows are zeros.
 // Activations: float32 [M, K], K = 32 G. Output float32 [M, N].
 //
-// Every output element is computed by the same instructions in the same order whatever M
-// is and however rows are split into blocks or threads, so a row's result in a verify pass
-// of 6 (or a prefill) equals its result alone: greedy speculative == greedy AR.
+// Every output element goes through the same instructions in the same order whatever M
+// is and however rows are split into blocks or threads (integer sums are exact; the float
+// steps per element do not depend on the block), so a row's result in a verify pass of 6
+// (or a prefill) equals its result alone: greedy speculative == greedy AR.
 //
 // Threads: at::parallel_for (OpenMP; the build passes -fopenmp, without which the pragma
 // is ignored and the kernel silently runs on one thread).
@@ -34,22 +43,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kSuper = 8;       // groups per super-block (256 values)
-constexpr int64_t kRowBlock = 4;    // activation rows that share one pass over a weight row
-constexpr int64_t kRowChunk = 32;   // activation rows kept in cache while weights stream
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
+constexpr int64_t kRowBlock = 4;    // activation rows that share each unpacked weight vector
 
 // One row of activations -> int8 codes, one scale per super-block, and the int16 sum of
 // each group's codes (|sum| <= 32 * 127), padded with zeros to whole super-blocks.
@@ -76,11 +76,11 @@ void quantize_row(const float* x, int64_t groups, int8_t* q, float* d, int16_t* 
 
 struct Weights {
   const uint8_t* codes;
-  const uint8_t* sub_scale;
-  const int8_t* sub_min;
+  const uint8_t* scales;
+  const int8_t* mins;
   const float* d;
   const float* dmin;
-  int64_t groups, supers, row_bytes;
+  int64_t groups, pairs, supers;
 };
 
 struct Activations {
@@ -90,128 +90,130 @@ struct Activations {
   int64_t K, groups, supers;
 };
 
-// 8 int16 values of one 128-bit lane: a group's scale to all 16 words of both lanes.
-inline __m256i word(const __m256i v, int j) {
-  return _mm256_shuffle_epi8(v, _mm256_set1_epi16(static_cast<int16_t>((2 * j + 1) << 8 | 2 * j)));
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-inline float hsum128(__m128 v) {
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  v = _mm_add_ss(v, _mm_movehdup_ps(v));
-  return _mm_cvtss_f32(v);
-}
-
-// R activation rows against weight row n: each 32-byte load of codes (two groups) is
-// unpacked once and used by all R rows. Per super-block a row sums its group products in
-// int32 (scaled by the 8-bit group scales, broadcast by byte shuffles), the minimums' part
-// as one 8-wide integer dot product with the activation sums, then adds both to float
-// registers once.
+// R activation rows (m0...) against the 8 weight rows of panel p: out[r * ldo + c].
 template <int R>
-inline void dot_rows(const Weights& w, int64_t n, const Activations& a, int64_t m0,
-                     float* out) {
+inline void panel_rows(const Weights& w, int64_t p, const Activations& a, int64_t m0,
+                       __m256 (&res)[R]) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
-  const uint8_t* codes = w.codes + n * w.row_bytes;
-  const uint8_t* sc = w.sub_scale + n * w.groups;
-  const int8_t* mn = w.sub_min + n * w.groups;
-  const float* d = w.d + n * w.supers;
-  const float* dmin = w.dmin + n * w.supers;
+  const uint8_t* codes = w.codes + p * w.groups * 128;
+  const uint8_t* scales = w.scales + p * w.groups * 16;
+  const int8_t* mins = w.mins + p * w.pairs * 16;
+  const float* d = w.d + p * w.supers * 8;
+  const float* dmin = w.dmin + p * w.supers * 8;
   const int8_t* xq[R];
   const float* xd[R];
   const int16_t* xs[R];
-  __m256 acc[R];
-  __m128 macc[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     xq[r] = a.q + (m0 + r) * a.K;
     xd[r] = a.d + (m0 + r) * a.supers;
     xs[r] = a.sums + (m0 + r) * a.supers * kSuper;
-    acc[r] = _mm256_setzero_ps();
-    macc[r] = _mm_setzero_ps();
+    res[r] = _mm256_setzero_ps();
   }
   for (int64_t s = 0, g0 = 0; g0 < w.groups; ++s, g0 += kSuper) {
-    const int64_t ng = std::min(kSuper, w.groups - g0);
-    __m128i sc8, mn8;
-    if (ng == kSuper) {
-      sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + g0));
-      mn8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g0));
-    } else {  // a short last super-block: zeros past its groups
-      alignas(16) uint8_t tsc[16] = {0};
-      alignas(16) int8_t tmn[16] = {0};
-      std::copy(sc + g0, sc + g0 + ng, tsc);
-      std::copy(mn + g0, mn + g0 + ng, tmn);
-      sc8 = _mm_load_si128(reinterpret_cast<const __m128i*>(tsc));
-      mn8 = _mm_load_si128(reinterpret_cast<const __m128i*>(tmn));
-    }
-    const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc8));
-    const __m128i mins = _mm_cvtepi8_epi16(mn8);
-    const uint8_t* cs = codes + g0 * 16;
-    // Two super-blocks ahead: the hardware prefetcher alone leaves a decode step (one
-    // activation row, little work per byte) waiting on memory.
-    _mm_prefetch(reinterpret_cast<const char*>(cs + 256), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(cs + 320), _MM_HINT_T0);
+    const int64_t g1 = std::min(g0 + kSuper, w.groups);
     __m256i isum[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    int j = 0;
-    for (; j + 2 <= ng; j += 2) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + j * 16));
-      const __m256i lo = _mm256_and_si256(packed, low_mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-      const __m256i s0 = word(scales, j), s1 = word(scales, j + 1);
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* cg = codes + g * 128;
+      // A super-block ahead: the hardware prefetcher alone leaves a decode step (one
+      // activation row, little work per byte) waiting on memory.
+      _mm_prefetch(reinterpret_cast<const char*>(cg + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(cg + 1088), _MM_HINT_T0);
+      __m256i acc[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cg + q * 32));
+        const __m256i lo = _mm256_and_si256(packed, low_mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const int8_t* x = xq[r] + g * kGroup + 4 * q;
+          acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(lo, bcast4(x)));
+          acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(hi, bcast4(x + 16)));
+        }
+      }
+      const __m256i sc = _mm256_cvtepu8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 16)));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(acc[r], sc));
+    }
+    // The minimums: per row c, sum over groups of min * (sum of the group's activations).
+    __m256i msum[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) msum[r] = _mm256_setzero_si256();
+    for (int64_t h = g0 / 2; h < (g1 + 1) / 2; ++h) {
+      const __m256i mn = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + h * 16)));
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const int8_t* x = xq[r] + (g0 + j) * kGroup;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kGroup));
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p0, p1));
+        int32_t pair;
+        std::memcpy(&pair, xs[r] + 2 * h, 4);
+        msum[r] = _mm256_add_epi32(msum[r], _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
       }
     }
-    if (j < ng) {  // a lone last group: the low nibbles of a padded pair
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + j * 16));
-      const __m256i lo = _mm256_and_si256(packed, low_mask);
-      const __m256i s0 = word(scales, j);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m256i x0 =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + (g0 + j) * kGroup));
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0));
-      }
-    }
-    const float ds = d[s], dm = dmin[s];
+    const __m256 ds = _mm256_loadu_ps(d + s * 8), dms = _mm256_loadu_ps(dmin + s * 8);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const float dx = xd[r][s];
-      const __m128i sums = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs[r] + g0));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(ds * dx), acc[r]);
-      macc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, sums)), _mm_set1_ps(dm * dx),
-                             macc[r]);
+      const __m256 dx = _mm256_set1_ps(xd[r][s]);
+      res[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(ds, dx), res[r]);
+      res[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum[r]), _mm256_mul_ps(dms, dx), res[r]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + hsum128(macc[r]);
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sub_scale,
-                       const at::Tensor& sub_min, const at::Tensor& d, const at::Tensor& dmin) {
+template <int R>
+inline void panel_block(const Weights& w, int64_t p, const Activations& a, int64_t m0,
+                        float* out, int64_t N) {
+  __m256 res[R];
+  panel_rows<R>(w, p, a, m0, res);
+  const int64_t n0 = p * 8, cols = std::min<int64_t>(8, N - n0);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float* o = out + (m0 + r) * N + n0;
+    if (cols == 8) {
+      _mm256_storeu_ps(o, res[r]);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, res[r]);
+      std::copy(tmp, tmp + cols, o);
+    }
+  }
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const at::Tensor& mins, const at::Tensor& d, const at::Tensor& dmin,
+                       int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "codes must be uint8");
-  TORCH_CHECK(sub_scale.scalar_type() == at::kByte && sub_min.scalar_type() == at::kChar,
-              "sub_scale must be uint8 and sub_min int8");
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.size(2) == 128,
+              "codes must be uint8 [P, G, 128]");
+  TORCH_CHECK(scales.scalar_type() == at::kByte && mins.scalar_type() == at::kChar,
+              "scales must be uint8 and mins int8");
   TORCH_CHECK(d.scalar_type() == at::kFloat && dmin.scalar_type() == at::kFloat,
               "d and dmin must be float32");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
   TORCH_CHECK(K % kGroup == 0, "K must be a multiple of 32");
-  const int64_t G = K / kGroup, S = (G + kSuper - 1) / kSuper;
-  TORCH_CHECK(codes.size(1) == (G + 1) / 2 * 32, "codes do not match x's K");
-  TORCH_CHECK(sub_scale.size(0) == N && sub_scale.size(1) == G && sub_min.sizes() == sub_scale.sizes(),
-              "sub_scale/sub_min must be [N, K/32]");
-  TORCH_CHECK(d.size(0) == N && d.size(1) == S && dmin.sizes() == d.sizes(),
-              "d/dmin must be [N, ceil(K/256)]");
+  const int64_t G = K / kGroup, H = (G + 1) / 2, S = (G + kSuper - 1) / kSuper;
+  TORCH_CHECK(codes.size(1) == G, "codes do not match x's K");
+  TORCH_CHECK(N > 8 * (P - 1) && N <= 8 * P, "N does not match the panels");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == P && scales.size(1) == G &&
+                  scales.size(2) == 16, "scales must be [P, G, 16]");
+  TORCH_CHECK(mins.dim() == 3 && mins.size(0) == P && mins.size(1) == H && mins.size(2) == 16,
+              "mins must be [P, ceil(G/2), 16]");
+  TORCH_CHECK(d.dim() == 3 && d.size(0) == P && d.size(1) == S && d.size(2) == 8 &&
+                  dmin.sizes() == d.sizes(), "d/dmin must be [P, ceil(K/256), 8]");
   const at::Tensor xc = x.contiguous();
-  const at::Tensor wc = codes.contiguous(), scc = sub_scale.contiguous(),
-                   mnc = sub_min.contiguous(), dc = d.contiguous(), dmc = dmin.contiguous();
+  const at::Tensor wc = codes.contiguous(), scc = scales.contiguous(), mnc = mins.contiguous(),
+                   dc = d.contiguous(), dmc = dmin.contiguous();
 
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor xd = at::empty({M, S}, x.options());
@@ -224,39 +226,34 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     }
   });
   const Weights w{wc.data_ptr<uint8_t>(), scc.data_ptr<uint8_t>(), mnc.data_ptr<int8_t>(),
-                  dc.data_ptr<float>(), dmc.data_ptr<float>(), G, S, codes.size(1)};
+                  dc.data_ptr<float>(), dmc.data_ptr<float>(), G, H, S};
   const Activations a{xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<int16_t>(), K, G, S};
 
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
-  // Rows in chunks (a prefill's activations stay in cache while the weights stream past
-  // once per chunk); weight rows split across threads.
-  for (int64_t c0 = 0; c0 < M; c0 += kRowChunk) {
-    const int64_t c1 = std::min(M, c0 + kRowChunk);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      float result[kRowBlock];
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t mb = c0; mb < c1; mb += kRowBlock) {
-          const int rows = static_cast<int>(std::min(kRowBlock, c1 - mb));
-          switch (rows) {
-            case 1: dot_rows<1>(w, n, a, mb, result); break;
-            case 2: dot_rows<2>(w, n, a, mb, result); break;
-            case 3: dot_rows<3>(w, n, a, mb, result); break;
-            default: dot_rows<4>(w, n, a, mb, result); break;
-          }
-          for (int r = 0; r < rows; ++r) op[(mb + r) * N + n] = result[r];
+  // Panels split across threads; each panel (G * 128 bytes: 6 KB at K = 1536) stays in
+  // cache while every block of activation rows passes over it, so the weights stream from
+  // memory once per call.
+  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t mb = 0; mb < M; mb += kRowBlock) {
+        switch (std::min(kRowBlock, M - mb)) {
+          case 1: panel_block<1>(w, p, a, mb, op, N); break;
+          case 2: panel_block<2>(w, p, a, mb, op, N); break;
+          case 3: panel_block<3>(w, p, a, mb, op, N); break;
+          default: panel_block<4>(w, p, a, mb, op, N); break;
         }
       }
-    });
-  }
+    }
+  });
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(draftlm_cpu, m) {
-  m.def("int4_linear(Tensor x, Tensor codes, Tensor sub_scale, Tensor sub_min, Tensor d, "
-        "Tensor dmin) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor d, "
+        "Tensor dmin, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(draftlm_cpu, CPU, m) { m.impl("int4_linear", &int4_linear); }
