@@ -130,3 +130,19 @@ def test_compiled_layer_equals_the_eager_one() -> None:
 def test_forced_fallback_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRAFTLM_INT4_KERNEL", "torch")
     assert cpu_kernels._why_not() == "DRAFTLM_INT4_KERNEL=torch"
+
+
+@kernel
+def test_layers_hold_weights_behind_a_handle_released_with_them() -> None:
+    """No weight tensors among the module's buffers (torch.compile would guard each one
+    before every step); the kernel's registry frees them when the layer goes."""
+    import gc
+
+    layer = Int4Linear(nn.Linear(64, 16, bias=False))
+    assert list(layer.named_buffers()) == []
+    handle, x = layer._handle, torch.randn(3, 64)
+    assert torch.equal(torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16), layer(x))
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no int4 layer"):
+        torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16)

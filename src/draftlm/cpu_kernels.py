@@ -69,6 +69,7 @@ def int4_kernel_available() -> bool:
                  extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             torch.library.register_fake("draftlm_cpu::int4_linear")(_int4_linear_shape)
+            torch.library.register_fake("draftlm_cpu::int4_linear_handle")(_int4_handle_shape)
         except Exception as exc:  # a broken toolchain must not stop int4 from working
             reason = f"its build failed ({str(exc).strip().splitlines()[-1][:200]})"
     if reason is not None and os.environ.get("DRAFTLM_INT4_KERNEL") != "torch":
@@ -80,6 +81,10 @@ def int4_kernel_available() -> bool:
 
 def _int4_linear_shape(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, d: Tensor,
                        dmin: Tensor, n: int) -> Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+def _int4_handle_shape(x: Tensor, handle: int, n: int) -> Tensor:
     return x.new_empty(x.shape[0], n)
 
 

@@ -162,8 +162,11 @@ class Int4Linear(_QuantizedLinear):
         """Store `groups` in the layout of the kernel this machine runs."""
         if int4_kernel_available():
             self.kernel = "draftlm"
-            for name, tensor in pack_int4(groups).items():
-                self.register_buffer(name, tensor, persistent=False)
+            # Held by the kernel's registry and called by handle: torch.compile guards
+            # every tensor a compiled step reads, and these would be 5 per layer.
+            self._packed = pack_int4(groups)
+            self._handle = torch.ops.draftlm_cpu.int4_register(*self._packed.values())
+            weakref.finalize(self, torch.ops.draftlm_cpu.int4_release, self._handle)
             return
         q = groups.codes
         if q.shape[0] % 16:
@@ -182,17 +185,16 @@ class Int4Linear(_QuantizedLinear):
     @property
     def weight_bytes(self) -> int:
         """Bytes one forward pass reads for the weight (codes and their scales)."""
-        names = ("codes", "scales", "mins", "d", "dmin") if self.kernel == "draftlm" \
-            else ("packed", "scales_zeros")
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+        tensors = list(self._packed.values()) if self.kernel == "draftlm" \
+            else [self.packed, self.scales_zeros]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1])
         if self.kernel == "draftlm":
-            y = torch.ops.draftlm_cpu.int4_linear(rows.float(), self.codes, self.scales,
-                                                  self.mins, self.d, self.dmin,
-                                                  self.out_features)
+            y = torch.ops.draftlm_cpu.int4_linear_handle(rows.float(), self._handle,
+                                                         self.out_features)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed,
                                                   INT4_GROUP, self.scales_zeros).float()
