@@ -1,9 +1,11 @@
-"""int4 from a GGUF file's own 4-bit codes against int4 requantized from its floats.
+"""Perplexity of each quantization of one model on the same text.
 
     python benchmarks/int4_codes.py --model qwen2.5-coder-1.5b --tokens 1024
 
-Prints the perplexity of both on the first N tokens of a text (default: the standard
-library's colorsys.py) next to the float32 model's.
+Modes: float32, int8, int4 (a GGUF file's own 4-bit codes), int4-mixed (those, with the
+head and the file's Q6_K layers in int8, as llama.cpp's Q4_K_M), int4-requantized (every
+layer quantized from the dequantized floats). Text: the first N tokens of a file (default:
+the standard library's colorsys.py).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ def main() -> None:
     parser.add_argument("--file", default=colorsys.__file__)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["float32", "int8", "int4", "int4-mixed",
+                                                       "int4-requantized"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     text = open(args.file, encoding="utf-8").read()
-    for label in ("float32", "int4 (file codes)", "int4 (requantized)"):
+    for label in args.modes:
         lm = load(args.model, dtype="float32",
-                  quantize="int4" if label == "int4 (file codes)" else "none")
-        if label == "int4 (requantized)":
+                  quantize={"float32": "none", "int4-requantized": "none"}.get(label, label))
+        if label == "int4-requantized":
             quantize_model(lm.model, "int4")
         ids = lm.tokenizer.encode(text)[: args.tokens]
         score = score_text(lm, lm.tokenizer.decode(ids), args.tokens, args.tokens // 2)

@@ -71,7 +71,7 @@ def main() -> None:
     for name in args.models:
         for mode in args.modes:
             weights, _, suffix = mode.partition("+")
-            quantize = weights if weights in ("int8", "int4") else "none"
+            quantize = weights if weights in ("int8", "int4", "int4-mixed") else "none"
             dtype = weights if quantize == "none" else "float32"
             lm = load(name, dtype=dtype, quantize=quantize, compile_step=suffix == "compile")
             per_token = weight_bytes_per_token(lm.model)

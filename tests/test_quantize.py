@@ -104,6 +104,30 @@ def test_every_linear_is_replaced_and_logits_stay_close(mode: str) -> None:
     assert quant.quantization == mode
 
 
+def test_int4_mixed_keeps_the_head_and_what_a_file_stores_above_4_bits_in_int8() -> None:
+    """As llama.cpp's Q4_K_M: layers with stored 4-bit codes stay 4-bit, a fused layer
+    with a part the file keeps in more bits goes to int8, the head is always int8."""
+    from draftlm.gguf_int4 import Int4Groups
+
+    lm = make_tiny_lm(0)
+    model = lm.model
+    layer0 = model.layers[0]
+    stored = {f"layers.0.{part}.weight": Int4Groups.quantize(lin.weight.detach())
+              for part, lin in (("self_attn.q_proj", layer0.self_attn.q_proj),
+                                ("self_attn.k_proj", layer0.self_attn.k_proj),
+                                ("mlp.gate_proj", layer0.mlp.gate_proj),
+                                ("mlp.up_proj", layer0.mlp.up_proj))}
+    quantize_model(model, "int4-mixed", stored)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear)  # both parts stored
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Int8Linear)  # v_proj is not
+    assert isinstance(model.layers[0].mlp.down_proj, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    plain = make_tiny_lm(0).model
+    quantize_model(plain, "int4-mixed")  # a float checkpoint: 4-bit but for the head
+    assert isinstance(plain.lm_head, Int8Linear)
+    assert isinstance(plain.layers[1].mlp.down_proj, Int4Linear)
+
+
 def test_int8_verify_pass_equals_one_token_steps_bit_for_bit() -> None:
     """The property that makes quantized speculative decoding exact: a multi-token pass over
     the cache gives each token the logits a one-token decode step would."""

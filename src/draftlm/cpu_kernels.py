@@ -4,11 +4,14 @@ PyTorch's int4 CPU kernel wants bfloat16 activations; on CPUs without AVX512-BF1
 project's AVX2 machines) it decodes slower than fbgemm's int8 although it reads half the
 bytes. `kernels/int4_avx2.cpp` does what llama.cpp does for its Q4_K format: int8
 activations, byte dot products (`_mm256_maddubs_epi16`), 8-bit group scales applied in
-integers and one float conversion per super-block of 256 values. It is compiled
-with the machine's C++ compiler through `torch.utils.cpp_extension` the first time an int4
-layer is made (about 40 s, then cached by torch under ~/.cache/torch_extensions), and
-registered as the operator `torch.ops.draftlm_cpu.int4_linear`, which torch.compile treats
-as opaque.
+integers and one float conversion per super-block of 256 values, with weight rows
+interleaved in panels of 8 (`pack_int4`) so that one byte product serves 8 rows. It is
+compiled with the machine's C++ compiler through `torch.utils.cpp_extension` the first time
+an int4 layer is made (about 40 s, then cached by torch under ~/.cache/torch_extensions),
+and registered as operators `torch.ops.draftlm_cpu.*`, which torch.compile treats as opaque.
+A layer registers its packed weights once (`int4_register`) and calls
+`int4_linear_handle(x, handle, n)`: a compiled decode step then holds an integer per layer
+instead of five tensors, each of which torch.compile would check before every step.
 
 Where it cannot be built (not x86 with AVX2, no compiler, a failed build) or where
 `DRAFTLM_INT4_KERNEL=torch` asks for it, int4 layers use PyTorch's kernel instead.

@@ -145,8 +145,9 @@ def load(
 
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
     GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
-    `quantize` (none, int8, int4) replaces the linear layers by CPU-quantized ones
-    (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored.
+    `quantize` (none, int8, int4, int4-mixed) replaces the linear layers by CPU-quantized
+    ones (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored;
+    int4-mixed keeps the output head and what the file stores above 4 bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
     (`Transformer.compile_decode_step`)."""
     from draftlm.quantize import QUANTIZE_MODES, quantize_model
@@ -184,7 +185,7 @@ def load(
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
     int4_groups = None
-    if quantize == "int4":
+    if quantize in ("int4", "int4-mixed"):
         gguf_file = path if path.is_file() else gguf_source(source)
         if gguf_file is not None:
             from draftlm.gguf_int4 import read_int4_groups

@@ -24,7 +24,9 @@ reads one row):
 
 Both are CPU kernels. For int4, GGUF tensors stored as Q4_K (exactly), Q4_0 or Q4_1 keep
 their own codes (`gguf_int4`); every other tensor is dequantized on load and quantized
-here.
+here. `int4-mixed` is the quality-first variant, the mix of llama.cpp's Q4_K_M: the output
+head, and any layer the GGUF file stores in more than 4 bits (Q4_K_M's Q6_K attn_v and
+ffn_down of half the layers), stay in int8; it reads about a fifth more bytes per token.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from draftlm.cpu_kernels import int4_kernel_available, pack_int4
 from draftlm.errors import DraftlmError
 from draftlm.gguf_int4 import Int4Groups
 
-QUANTIZE_MODES = ("none", "int8", "int4")
+QUANTIZE_MODES = ("none", "int8", "int4", "int4-mixed")
+FOUR_BIT_MODES = ("int4", "int4-mixed")
 INT4_GROUP = 32
 
 # fbgemm's packed weights are a TorchScript object that torch.compile cannot trace through.
@@ -225,17 +228,24 @@ def quantize_model(
 
     `int4_groups` (weight name -> 4-bit codes, from `gguf_int4.read_int4_groups`) gives
     int4 layers their codes as stored in a GGUF file instead of re-quantized floats; a fused
-    layer takes them only when all its parts have them. A tied output head shares the
-    embedding's Parameter; quantizing it makes a separate int8/int4 copy."""
+    layer takes them only when all its parts have them. `int4-mixed` puts the head, and
+    layers with a part the file stores above 4 bits, in int8 instead (module docstring).
+    A tied output head shares the embedding's Parameter; quantizing it makes a separate
+    int8/int4 copy."""
     if mode not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown --quantize {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
-    stored = int4_groups if mode == "int4" and int4_groups else {}
+    stored = int4_groups if mode in FOUR_BIT_MODES and int4_groups else {}
 
     def make(prefix: str, parts: list[str], linears: list[nn.Linear]) -> nn.Module:
         names = [f"{prefix}{part}.weight" for part in parts]
         fused = _concat(linears) if len(linears) > 1 else linears[0]
+        head = parts == ["lm_head"]
+        if mode == "int4-mixed" and (head or (stored and not all(n in stored for n in names))):
+            # What llama.cpp's Q4_K_M keeps above 4 bits (the output head, and the tensors
+            # the file stores as Q5/Q6/Q8) stays in 8 bits.
+            return Int8Linear(fused)
         if names and all(n in stored for n in names):
             return Int4Linear.from_groups(Int4Groups.concat([stored[n] for n in names]),
                                           fused.bias)
