@@ -95,7 +95,13 @@ class Drafter(ABC):
 
     @property
     def draft_length(self) -> int:
+        """Tokens to draft next round (the policy's current length)."""
         return self.policy.length
+
+    @property
+    def max_draft_length(self) -> int:
+        """The longest draft this drafter will ever propose (a verify pass's size bound)."""
+        return self.policy.max_length
 
     def update(self, num_drafted: int, num_accepted: int) -> None:
         """Told after every round how much of the last draft the target kept."""

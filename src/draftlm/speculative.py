@@ -121,10 +121,10 @@ def speculative_decode(
     device = lm.device
     start = time.perf_counter()
     slack = 0
-    if model.compiled and drafter.policy.max_length + 1 <= SMALL_STEP:
+    if model.compiled and drafter.max_draft_length + 1 <= SMALL_STEP:
         # A compiled target verifies through one padded graph of max draft + 1 tokens.
-        model.compile_verify(drafter.policy.max_length + 1)
-        slack = min(drafter.policy.max_length, model.config.max_seq_len - cache_len)
+        model.compile_verify(drafter.max_draft_length + 1)
+        slack = min(drafter.max_draft_length, model.config.max_seq_len - cache_len)
     model.setup_cache(1, cache_len + slack)
     drafter.begin(prompt_ids, cache_len, device)
     ids = [int(t) for t in prompt_ids]
