@@ -150,7 +150,7 @@ def load(
     int4-mixed keeps the output head and what the file stores above 4 bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
     (`Transformer.compile_decode_step`)."""
-    from draftlm.quantize import QUANTIZE_MODES, quantize_model
+    from draftlm.quantize import FOUR_BIT_MODES, QUANTIZE_MODES, quantize_model
     from draftlm.registry import REAL_MODELS
 
     if quantize not in QUANTIZE_MODES:
@@ -185,7 +185,7 @@ def load(
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
     int4_groups = None
-    if quantize in ("int4", "int4-mixed"):
+    if quantize in FOUR_BIT_MODES:
         gguf_file = path if path.is_file() else gguf_source(source)
         if gguf_file is not None:
             from draftlm.gguf_int4 import read_int4_groups

@@ -241,12 +241,12 @@ def quantize_model(
     def make(prefix: str, parts: list[str], linears: list[nn.Linear]) -> nn.Module:
         names = [f"{prefix}{part}.weight" for part in parts]
         fused = _concat(linears) if len(linears) > 1 else linears[0]
-        head = parts == ["lm_head"]
-        if mode == "int4-mixed" and (head or (stored and not all(n in stored for n in names))):
+        from_file = bool(names) and all(n in stored for n in names)
+        if mode == "int4-mixed" and (parts == ["lm_head"] or (stored and not from_file)):
             # What llama.cpp's Q4_K_M keeps above 4 bits (the output head, and the tensors
             # the file stores as Q5/Q6/Q8) stays in 8 bits.
             return Int8Linear(fused)
-        if names and all(n in stored for n in names):
+        if from_file:
             return Int4Linear.from_groups(Int4Groups.concat([stored[n] for n in names]),
                                           fused.bias)
         return Int8Linear(fused) if mode == "int8" else Int4Linear(fused)
