@@ -135,7 +135,8 @@ def test_cuda_matches_cpu() -> None:
 @pytest.mark.slow
 @needs_cpp_compiler
 def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
-    """One graph serves every position; logits equal eager ones to float rounding."""
+    """One graph, compiled by compile_decode_step, serves every position and cache size;
+    logits equal eager ones to float rounding."""
     import torch._dynamo
 
     model = make_tiny_lm(seed=3).model
@@ -149,6 +150,8 @@ def test_compiled_decode_step_matches_eager_and_compiles_once() -> None:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         model.compile_decode_step()
+        # Compiled on the spot (a scratch cache), not by the first real step.
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         model.setup_cache(1, 32)
         model(ids[:, :4], start_pos=0)  # the prompt pass stays eager
         for pos in range(4, 9):

@@ -16,7 +16,7 @@ from draftlm.drafters import ModelDrafter, NgramDrafter
 from draftlm.generate import generate
 from draftlm.load import LM
 from draftlm.sampling import SamplingParams, logits_to_probs, sample
-from draftlm.speculative import verify_draft
+from draftlm.speculative import verify_draft, verify_greedy
 
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add"
 
@@ -254,6 +254,27 @@ def test_greedy_verify_keeps_the_matching_prefix() -> None:
     accepted, next_token = verify_draft(torch.tensor([], dtype=torch.long), None, p[:1])
     assert (int(accepted), int(next_token)) == (0, 3)
 
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_greedy_shortcut_agrees_with_the_general_rule(k: int) -> None:
+    """verify_greedy (argmax of the target's logits) == verify_draft on one-hot
+    distributions, for drafts that match the target for every prefix length, with and
+    without draft probabilities."""
+    gen = torch.Generator().manual_seed(k)
+    vocab = 11
+    for trial in range(40):
+        logits = torch.randn(k + 1, vocab, generator=gen)
+        best = logits.argmax(-1)
+        draft = best[:k].clone()
+        cut = trial % (k + 1)  # draft[cut] (if any) is wrong
+        if cut < k:
+            draft[cut] = (draft[cut] + 1 + trial % (vocab - 1)) % vocab
+        q = torch.softmax(torch.randn(k, vocab, generator=gen), -1) if trial % 2 else None
+        greedy = verify_greedy(draft, logits)
+        general = verify_draft(draft, q, logits_to_probs(logits, SamplingParams()), gen)
+        assert [int(t) for t in greedy] == [int(t) for t in general]
+        assert int(greedy[0]) == cut
 
 @pytest.mark.slow
 def test_end_to_end_sampling_matches_the_two_token_distribution(small_vocab_pair) -> None:

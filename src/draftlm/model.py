@@ -280,9 +280,12 @@ class Transformer(nn.Module):
         is cached on disk by torch, so only the first run on a machine pays the compile
         (~3 minutes for SmolLM2-135M on 2 cores, ~1 minute once cached).
         Fused kernels round differently from eager ones: logits agree to float rounding,
-        not bit for bit."""
+        not bit for bit. The graph is compiled here, on a scratch cache: a draft model that
+        drafts one token per round steps only after a rejection, so its first step could
+        otherwise come (and compile) in the middle of a timed generation."""
         self._rope_tables(self.embed_tokens.weight.device)
         self._compiled_step = torch.compile(self._decode_one, dynamic=True, fullgraph=True)
+        self._warm_up(1)
 
     @property
     def compiled(self) -> bool:
@@ -305,15 +308,20 @@ class Transformer(nn.Module):
         self._rope_tables(self.embed_tokens.weight.device)
         self.verify_len = length
         self._compiled_verify = torch.compile(self._verify_many, dynamic=True, fullgraph=True)
-        # Compile now, on a scratch cache (the caller sets up its own next), not in the
-        # middle of a timed generation. Position 3, not 0 or 1, which torch would specialize.
+        self._warm_up(2)
+
+    def _warm_up(self, tokens: int) -> None:
+        """Run one cached pass of `tokens` tokens on a scratch cache (the caller sets up its
+        own next) so that torch.compile compiles now. Position 3, not 0 or 1, which torch
+        would specialize on."""
         device = self.embed_tokens.weight.device
-        if self.config.max_seq_len < length + 4:
+        need = 3 + max(tokens, self.verify_len) + 1
+        if self.config.max_seq_len < need:
             return  # too short a context to warm up: the first real pass compiles
         with torch.inference_mode():
-            self.setup_cache(1, length + 4)
+            self.setup_cache(1, need)
             self(torch.zeros(1, 3, dtype=torch.long, device=device), start_pos=0)
-            self(torch.zeros(1, 2, dtype=torch.long, device=device), start_pos=3)
+            self(torch.zeros(1, tokens, dtype=torch.long, device=device), start_pos=3)
         self.cache_len = 0
 
     def _verify_many(self, input_ids: Tensor, pos: int) -> Tensor:

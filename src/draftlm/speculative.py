@@ -40,6 +40,7 @@ from draftlm.sampling import SamplingParams, logits_to_probs
 __all__ = [
     "CrossTokenizerDrafter", "Draft", "Drafter", "ModelDrafter", "NgramDrafter",
     "acceptance_probability", "build_drafter", "speculative_decode", "verify_draft",
+    "verify_greedy",
 ]
 
 
@@ -101,6 +102,19 @@ def verify_draft(
     return num_accepted.reshape(batch), next_token.reshape(batch)
 
 
+def verify_greedy(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """`verify_draft` for greedy decoding, from the target's logits [k + 1, V].
+
+    With a one-hot target distribution a drafted token is kept exactly when it is the
+    target's argmax, and the token after the kept prefix is the argmax there, whatever the
+    draft's probabilities; this gets there with one argmax instead of building [k + 1, V]
+    one-hot tensors and drawing from them (~8 ms a round at Qwen's 151936 tokens)."""
+    choice = target_logits.argmax(-1)
+    k = draft_tokens.shape[0]
+    num_accepted = (choice[:k] == draft_tokens).long().cumprod(0).sum()
+    return num_accepted, choice[num_accepted]
+
+
 @torch.inference_mode()
 def speculative_decode(
     lm: LM,
@@ -144,8 +158,12 @@ def speculative_decode(
         pos = len(ids) - 1
         last = torch.tensor([ids[-1]], device=device)
         logits = model(torch.cat((last, draft.tokens)).view(1, -1), start_pos=pos)[0]
-        target_probs = logits_to_probs(logits, params)
-        accepted, next_token = verify_draft(draft.tokens, draft.probs, target_probs, generator)
+        if params.greedy:
+            accepted, next_token = verify_greedy(draft.tokens, logits)
+        else:
+            target_probs = logits_to_probs(logits, params)
+            accepted, next_token = verify_draft(draft.tokens, draft.probs, target_probs,
+                                                generator)
         # The one host sync of the round: acceptance count, next token, drafted tokens.
         values = torch.cat((accepted.view(1), next_token.view(1), draft.tokens)).tolist()
         n = values[0]
