@@ -17,6 +17,7 @@ from draftlm.eval.humaneval import (
     Sample,
     cmd_humaneval,
     compare_samples,
+    mcnemar_exact,
     load_problems,
     pass_at_k,
     read_samples,
@@ -159,6 +160,23 @@ def test_compare_finds_changed_answers() -> None:
         "compared": 2, "identical": 1, "different": ["b"]}
 
 
+def test_compare_pairs_verdicts_with_an_exact_mcnemar_test() -> None:
+    def s(task: str, status: str) -> Sample:
+        return Sample(task, 0, "", [1], 1, 0.0, "stop", status=status)
+
+    ref = [s(f"t{i}", "passed" if i < 6 else "failed") for i in range(10)]
+    cand = [s(f"t{i}", "passed" if i < 2 or i == 9 else "failed") for i in range(10)]
+    verdicts = compare_samples(ref, cand)["verdicts"]
+    assert verdicts == {"judged": 10, "both_passed": 2, "only_reference_passed": 4,
+                        "only_candidate_passed": 1, "pass_rate_difference": -0.3,
+                        "mcnemar_p": 0.375}  # 2 * (1 + 5) / 32
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    # Runs without verdicts yet (generation still going) compare tokens only.
+    assert "verdicts" not in compare_samples([s("a", "")], [s("a", "passed")])
+
+
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DraftlmError, match="--check-draft needs --draft or --ngram"):
         cmd_humaneval(model="unused", check_draft=True)
@@ -192,7 +210,11 @@ def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
     again = cmd_humaneval(model=str(folder), limit=2, max_new_tokens=8,
                           out=str(tmp_path / "r2"), timeout_s=3.0, dtype="float32",
                           compare=str(tmp_path / "r" / "samples.jsonl"))
-    assert again["vs_previous"] == {"compared": 2, "identical": 2, "different": []}
+    assert again["vs_previous"] == {
+        "compared": 2, "identical": 2, "different": [],
+        "verdicts": {"judged": 2, "both_passed": 0, "only_reference_passed": 0,
+                     "only_candidate_passed": 0, "pass_rate_difference": 0.0,
+                     "mcnemar_p": 1.0}}
 
 
 @needs_sandbox
@@ -208,7 +230,9 @@ def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
     report = cmd_humaneval(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
                            check_draft=True, limit=3, max_new_tokens=16,
                            out=str(tmp_path / "r"), timeout_s=3.0, dtype="float32")
-    assert report["draft_vs_target"] == {"compared": 3, "identical": 3, "different": []}
+    same = report["draft_vs_target"]
+    assert (same["compared"], same["identical"], same["different"]) == (3, 3, [])
+    assert same["verdicts"]["judged"] == 3
     plain = read_samples(tmp_path / "r" / "samples.jsonl")
     drafted = read_samples(tmp_path / "r" / "samples-draft.jsonl")
     assert [s.completion for s in plain] == [s.completion for s in drafted]

@@ -221,12 +221,44 @@ def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
 
 
 def compare_samples(reference: Sequence[Sample], candidate: Sequence[Sample]) -> dict[str, Any]:
-    """Which (task, sample) pairs have different tokens: must be none for greedy + draft."""
-    ref = {(s.task_id, s.sample): s.token_ids for s in reference}
+    """Which (task, sample) pairs have different tokens (must be none for greedy + draft)
+    and, where both runs have verdicts, how the verdicts pair up.
+
+    Two greedy runs of one model at two precisions differ at near-ties, and a flipped token
+    can flip a verdict either way, so "pass@1 within 2 points" on 164 problems is a noisy
+    test. The paired counts say how many problems each run alone solved, and `mcnemar_p`
+    (exact two-sided McNemar test on those discordant pairs) how likely a split at least
+    that lopsided is if neither run is better."""
+    ref = {(s.task_id, s.sample): s for s in reference}
     common = [s for s in candidate if (s.task_id, s.sample) in ref]
-    different = [s.task_id for s in common if s.token_ids != ref[(s.task_id, s.sample)]]
-    return {"compared": len(common), "identical": len(common) - len(different),
-            "different": different}
+    different = [s.task_id for s in common
+                 if s.token_ids != ref[(s.task_id, s.sample)].token_ids]
+    report: dict[str, Any] = {"compared": len(common), "identical": len(common) - len(different),
+                              "different": different}
+    judged = [(ref[(s.task_id, s.sample)].passed, s.passed) for s in common
+              if s.status and ref[(s.task_id, s.sample)].status]
+    if judged:
+        only_ref = sum(r and not c for r, c in judged)
+        only_cand = sum(c and not r for r, c in judged)
+        report["verdicts"] = {
+            "judged": len(judged),
+            "both_passed": sum(r and c for r, c in judged),
+            "only_reference_passed": only_ref,
+            "only_candidate_passed": only_cand,
+            "pass_rate_difference": round((only_cand - only_ref) / len(judged), 4),
+            "mcnemar_p": round(mcnemar_exact(only_ref, only_cand), 4),
+        }
+    return report
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs: under "no difference"
+    each discordant pair falls either way with probability 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def speed(samples: Sequence[Sample]) -> dict[str, float]:
