@@ -255,7 +255,6 @@ def test_greedy_verify_keeps_the_matching_prefix() -> None:
     assert (int(accepted), int(next_token)) == (0, 3)
 
 
-
 @pytest.mark.parametrize("k", [0, 1, 3, 6])
 def test_greedy_shortcut_agrees_with_the_general_rule(k: int) -> None:
     """verify_greedy (argmax of the target's logits) == verify_draft on one-hot
@@ -275,6 +274,7 @@ def test_greedy_shortcut_agrees_with_the_general_rule(k: int) -> None:
         general = verify_draft(draft, q, logits_to_probs(logits, SamplingParams()), gen)
         assert [int(t) for t in greedy] == [int(t) for t in general]
         assert int(greedy[0]) == cut
+
 
 @pytest.mark.slow
 def test_end_to_end_sampling_matches_the_two_token_distribution(small_vocab_pair) -> None:

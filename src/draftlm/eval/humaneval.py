@@ -230,13 +230,11 @@ def compare_samples(reference: Sequence[Sample], candidate: Sequence[Sample]) ->
     (exact two-sided McNemar test on those discordant pairs) how likely a split at least
     that lopsided is if neither run is better."""
     ref = {(s.task_id, s.sample): s for s in reference}
-    common = [s for s in candidate if (s.task_id, s.sample) in ref]
-    different = [s.task_id for s in common
-                 if s.token_ids != ref[(s.task_id, s.sample)].token_ids]
-    report: dict[str, Any] = {"compared": len(common), "identical": len(common) - len(different),
+    pairs = [(ref[(c.task_id, c.sample)], c) for c in candidate if (c.task_id, c.sample) in ref]
+    different = [c.task_id for r, c in pairs if c.token_ids != r.token_ids]
+    report: dict[str, Any] = {"compared": len(pairs), "identical": len(pairs) - len(different),
                               "different": different}
-    judged = [(ref[(s.task_id, s.sample)].passed, s.passed) for s in common
-              if s.status and ref[(s.task_id, s.sample)].status]
+    judged = [(r.passed, c.passed) for r, c in pairs if r.status and c.status]
     if judged:
         only_ref = sum(r and not c for r, c in judged)
         only_cand = sum(c and not r for r, c in judged)
