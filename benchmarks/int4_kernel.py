@@ -35,7 +35,7 @@ def timed(mods: list[nn.Module], xs: list[torch.Tensor], repeat: int) -> float:
     with torch.no_grad():
         for _ in range(repeat):
             start = time.perf_counter()
-            for mod, x in zip(mods, xs):
+            for mod, x in zip(mods, xs, strict=True):
                 mod(x)
             best = min(best, time.perf_counter() - start)
     return best
