@@ -203,3 +203,103 @@ def test_compiled_verify_pads_to_one_graph_and_matches_eager() -> None:
     for e, c in zip(eager, compiled, strict=True):
         assert e.shape == c.shape
         torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+
+
+def _static_twin_passes(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Decode steps, verify passes of 2..5 tokens with rollbacks, and a step after a
+    rollback, as AR and speculative decoding run them."""
+    out = []
+    model.setup_cache(1, 40)
+    model(ids[:, :6], start_pos=0)  # the prompt pass stays eager
+    for pos in range(6, 9):
+        out.append(model(ids[:, pos : pos + 1], start_pos=pos))
+    pos = 9
+    for t in (2, 5, 3):
+        out.append(model(ids[:, pos : pos + t], start_pos=pos))
+        assert model.cache_len == pos + t
+        pos += t - 1
+        model.rollback(pos)
+    out.append(model(ids[:, pos : pos + 1], start_pos=pos))
+    return out
+
+
+def test_static_shape_passes_keep_every_shape_and_match_eager(monkeypatch) -> None:
+    """The CUDA-graph path's passes, run uncompiled here: the compiled function sees the
+    same shapes and the same position tensor at every step (so one graph serves them all),
+    and its logits equal the eager path's."""
+    model = make_tiny_lm(seed=3, max_seq_len=1024).model
+    ids = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = _static_twin_passes(model, ids)
+    compiles, calls = [], []
+
+    def fake_compile(fn, **kwargs):
+        compiles.append(kwargs)
+
+        def run(input_ids, first):
+            calls.append((fn.__name__, tuple(input_ids.shape), first))
+            return fn(input_ids, first)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with torch.inference_mode():
+        model.compile_decode_step(static_shapes=True)
+        model.compile_verify(5)
+        calls.clear()
+        static = _static_twin_passes(model, ids)
+    assert compiles == [{"mode": None, "dynamic": False, "fullgraph": True}] * 2
+    assert model.max_cache_len == 256  # 40 rounded up to a shared bucket
+    assert {c[1] for c in calls if c[1][1] == 1} == {(1, 1)}
+    assert {c[1] for c in calls if c[1][1] > 1} == {(1, 5)}  # verify passes padded to 5
+    assert len(calls) == 7 and all(c[2] is model._pos for c in calls)
+    for e, s in zip(eager, static, strict=True):
+        assert e.shape == s.shape
+        torch.testing.assert_close(s, e, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        model.setup_cache(1, 300)
+    assert model.max_cache_len == 512
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_static_shape_step_compiles_once_for_every_position() -> None:
+    """With inductor (what CUDA graphs record on a GPU): one graph for the step and one for
+    verify passes across positions and requests in the same cache bucket; logits equal
+    eager ones to float rounding."""
+    import torch._dynamo
+
+    model = make_tiny_lm(seed=3).model
+    ids = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = _static_twin_passes(model, ids)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model.compile_decode_step(static_shapes=True)
+        model.compile_verify(5)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+        compiled = _static_twin_passes(model, ids)
+        compiled_again = _static_twin_passes(model, ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    for e, c, a in zip(eager, compiled, compiled_again, strict=True):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_matches_eager() -> None:
+    """On a GPU the compiled step defaults to static shapes under CUDA graphs; its logits
+    (handed out as copies, not the graph's reused buffers) equal eager ones."""
+    import torch._dynamo
+
+    model = make_tiny_lm(seed=3).model.cuda()
+    ids = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        eager = _static_twin_passes(model, ids)
+        torch._dynamo.reset()
+        model.compile_decode_step()
+        model.compile_verify(5)
+        assert model.static_shapes
+        graphed = _static_twin_passes(model, ids)
+    for e, g in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)

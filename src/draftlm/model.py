@@ -72,7 +72,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, start_pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v at their positions; return the cache up to the last of them. Given a
+        tensor of positions (a static-shape pass), return the whole cache: every shape then
+        stays the same from one position to the next."""
+        if isinstance(start_pos, Tensor):
+            self.k.index_copy_(2, start_pos, k)
+            self.v.index_copy_(2, start_pos, v)
+            return self.k, self.v
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
@@ -114,6 +121,22 @@ def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
     return (probs @ v).view(b, h, t, d)
 
 
+def masked_cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of T queries over the whole cache [B, kv, L, D], `mask` [T, L] saying which
+    positions each may see (a static-shape pass: the shapes do not depend on the position,
+    so one CUDA graph replays at every step). Grouped-query heads are folded into the query
+    length as in `small_step_attention`. Work grows with the cache's capacity, not its
+    fill: cheap on a GPU, which is where this path runs by default."""
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    group = h // kv_heads
+    scores = (q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)).float() * (d**-0.5)
+    length = k.shape[2]
+    scores = scores.view(b, kv_heads, group, t, length).masked_fill(~mask, float("-inf"))
+    probs = scores.view(b, kv_heads, group * t, length).softmax(-1).to(v.dtype)
+    return (probs @ v).view(b, h, t, d)
+
+
 def past_mask(first: int, t: int, device: torch.device) -> Tensor:
     """[t, first + t] bool: new token i sits at position first + i and may see every
     position up to it (a cached pass after `first` positions)."""
@@ -135,8 +158,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | None, mask: Tensor | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor | None,
+        mask: Tensor | None,
     ) -> Tensor:
+        """`start_pos`: None without a cache; the first new position as an int; or, in a
+        static-shape pass, the new tokens' positions as a tensor (with `mask` over the
+        whole cache)."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
             kv_size = self.n_kv_heads * self.head_dim
@@ -149,7 +176,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-        if start_pos is not None and t <= SMALL_STEP:
+        if isinstance(start_pos, Tensor):
+            assert mask is not None
+            y = masked_cache_attention(q, k, v, mask)
+        elif start_pos is not None and t <= SMALL_STEP:
             y = small_step_attention(q, k, v, mask)
         else:
             # Causal among the new tokens only when they are all there is; with a cached past
@@ -186,7 +216,8 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | None, mask: Tensor | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor | None,
+        mask: Tensor | None,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -216,6 +247,9 @@ class Transformer(nn.Module):
         self._compiled_step = None  # set by compile_decode_step
         self._compiled_verify = None  # set by compile_verify
         self.verify_len = 0
+        # Static-shape compiled passes (CUDA graphs): positions travel as this device tensor.
+        self.static_shapes = False
+        self._pos: Tensor | None = None
 
     # ---- weights -----------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -238,6 +272,11 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} > model context {self.config.max_seq_len}")
+        if self.static_shapes:
+            # A static-shape graph is compiled (and a CUDA graph recorded) per cache size:
+            # round sizes up to a few buckets so that requests share them.
+            bucket = max(256, 1 << (max_seq_len - 1).bit_length())
+            max_seq_len = min(self.config.max_seq_len, bucket)
         weight = self.embed_tokens.weight
         if (
             self.max_cache_len == max_seq_len
@@ -268,7 +307,7 @@ class Transformer(nn.Module):
         self.cache_len = length
 
     # ---- compiled decode step ----------------------------------------------------------
-    def compile_decode_step(self) -> None:
+    def compile_decode_step(self, static_shapes: bool | None = None) -> None:
         """Run every one-token cached step (AR decoding, a draft model's proposals) through
         torch.compile; prefill stays eager (verify passes: `compile_verify`).
 
@@ -279,12 +318,31 @@ class Transformer(nn.Module):
         (`dynamic=True`), so one graph serves every position and cache size; compiled code
         is cached on disk by torch, so only the first run on a machine pays the compile
         (~3 minutes for SmolLM2-135M on 2 cores, ~1 minute once cached).
+
+        `static_shapes` (the default on CUDA) compiles a pass whose shapes never change
+        instead, with mode="reduce-overhead": on a GPU that records the step once as a CUDA
+        graph and replays it, removing the per-kernel launch cost that dominates a small
+        model's step. Positions then travel as a device tensor (an int would be a new graph
+        per position), attention spans the whole cache under a mask, and cache sizes are
+        rounded up to powers of two (one graph each).
+
         Fused kernels round differently from eager ones: logits agree to float rounding,
         not bit for bit. The graph is compiled here, on a scratch cache: a draft model that
         drafts one token per round steps only after a rejection, so its first step could
         otherwise come (and compile) in the middle of a timed generation."""
-        self._rope_tables(self.embed_tokens.weight.device)
-        self._compiled_step = torch.compile(self._decode_one, dynamic=True, fullgraph=True)
+        device = self.embed_tokens.weight.device
+        if static_shapes is None:
+            static_shapes = device.type == "cuda"
+        self.static_shapes = static_shapes
+        self._rope_tables(device)
+        if static_shapes:
+            self._pos = torch.zeros(1, dtype=torch.long, device=device)
+            if device.type == "cuda":  # read in place at each replay, never copied in
+                assert self._rope is not None
+                for table in (*self._rope, self._pos):
+                    torch._dynamo.mark_static_address(table)
+        step = self._static_pass if static_shapes else self._decode_one
+        self._compiled_step = self._compile(step)
         self._warm_up(1)
 
     @property
@@ -299,21 +357,31 @@ class Transformer(nn.Module):
         forgotten at once (the cache needs `length` - 1 positions of slack; a pass near the
         end of the cache runs eager). One fixed shape means one compile, whatever draft
         lengths an adaptive drafter picks. Each real token still attends over exactly the
-        positions before it, so padding never changes its logits. The graph is compiled
-        here, on a scratch cache, not inside the caller's first timed generation."""
+        positions before it, so padding never changes its logits. Static shapes (CUDA
+        graphs) follow `compile_decode_step`. The graph is compiled here, on a scratch
+        cache, not inside the caller's first timed generation."""
         if length < 2 or length > SMALL_STEP:
             raise ValueError(f"verify length must be in [2, {SMALL_STEP}], got {length}")
         if self._compiled_verify is not None and self.verify_len == length:
             return
         self._rope_tables(self.embed_tokens.weight.device)
         self.verify_len = length
-        self._compiled_verify = torch.compile(self._verify_many, dynamic=True, fullgraph=True)
+        self._compiled_verify = self._compile(
+            self._static_pass if self.static_shapes else self._verify_many
+        )
         self._warm_up(2)
 
+    def _compile(self, fn):  # noqa: ANN001, ANN202 - torch.compile's own types
+        if not self.static_shapes:
+            return torch.compile(fn, dynamic=True, fullgraph=True)
+        cuda = self.embed_tokens.weight.device.type == "cuda"
+        return torch.compile(fn, mode="reduce-overhead" if cuda else None, dynamic=False,
+                             fullgraph=True)
+
     def _warm_up(self, tokens: int) -> None:
-        """Run one cached pass of `tokens` tokens on a scratch cache (the caller sets up its
-        own next) so that torch.compile compiles now. Position 3, not 0 or 1, which torch
-        would specialize on."""
+        """Run cached passes of `tokens` tokens on a scratch cache (the caller sets up its
+        own next) so that torch.compile compiles now (and, with CUDA graphs, records: the
+        second and third runs). Position 3, not 0 or 1, which torch would specialize on."""
         device = self.embed_tokens.weight.device
         need = 3 + max(tokens, self.verify_len) + 1
         if self.config.max_seq_len < need:
@@ -321,8 +389,38 @@ class Transformer(nn.Module):
         with torch.inference_mode():
             self.setup_cache(1, need)
             self(torch.zeros(1, 3, dtype=torch.long, device=device), start_pos=0)
-            self(torch.zeros(1, tokens, dtype=torch.long, device=device), start_pos=3)
+            for _ in range(3 if self.static_shapes else 1):
+                self(torch.zeros(1, tokens, dtype=torch.long, device=device), start_pos=3)
         self.cache_len = 0
+
+    def _static_pass(self, input_ids: Tensor, first: Tensor) -> Tensor:
+        """Logits [B, T, V] of T tokens at positions first.. (`first`: a one-element device
+        tensor), attending over the whole cache under a mask: no shape depends on the
+        position, so the compiled graph is the same at every step."""
+        assert self._rope is not None
+        cache = self.layers[0].self_attn.kv_cache
+        assert cache is not None
+        positions = first + torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self._rope[0][positions], self._rope[1][positions]
+        seen = torch.arange(cache.k.shape[2], device=input_ids.device)
+        mask = seen[None, :] <= positions[:, None]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask)
+        return self.lm_head(self.norm(x))
+
+    def _run_compiled(self, fn, input_ids: Tensor, first: int) -> Tensor:  # noqa: ANN001
+        # A fresh contiguous id tensor: a strided slice would be another graph.
+        ids = input_ids.clone(memory_format=torch.contiguous_format)
+        if self.static_shapes:
+            assert self._pos is not None
+            self._pos.fill_(first)  # on the device: no host sync, one address for the graph
+            # A CUDA graph's outputs are overwritten by its next replay: hand out a copy.
+            return fn(ids, self._pos).clone()
+        # Module buffers count as static by default; the KV cache's length must be symbolic
+        # too, or every request with another cache size would compile again.
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return fn(ids, first)
 
     def _verify_many(self, input_ids: Tensor, pos: int) -> Tensor:
         """Logits [B, T, V] of T tokens at positions pos.. (cache holds pos > 0)."""
@@ -378,20 +476,14 @@ class Transformer(nn.Module):
             raise ValueError(f"{t} tokens exceed the context of {self.config.max_seq_len}")
         first = start_pos or 0
         if self._compiled_step is not None and use_cache and t == 1:
-            # A fresh contiguous id tensor: a strided slice would be another graph. Module
-            # buffers count as static by default; the KV cache's length must be symbolic
-            # too, or every request with another cache size would compile again.
-            ids = input_ids.clone(memory_format=torch.contiguous_format)
-            with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-                logits = self._compiled_step(ids, first)
+            logits = self._run_compiled(self._compiled_step, input_ids, first)
             self.cache_len = first + 1
             return logits
         if (self._compiled_verify is not None and use_cache and first > 0
                 and 1 < t <= self.verify_len and first + self.verify_len <= self.max_cache_len):
             pad = input_ids[:, -1:].expand(b, self.verify_len - t)
-            ids = torch.cat((input_ids, pad), dim=1).contiguous()
-            with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-                logits = self._compiled_verify(ids, first)
+            logits = self._run_compiled(self._compiled_verify, torch.cat((input_ids, pad), 1),
+                                        first)
             self.cache_len = first + t  # the padding's cache entries: forgotten
             return logits[:, t - (num_logits or t) : t]
         cos, sin = self._rope_tables(input_ids.device)
