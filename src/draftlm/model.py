@@ -92,15 +92,15 @@ SMALL_STEP = 16
 
 
 def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Attention of a few queries over the cache. Grouped-query heads are folded into the
-    query length ([B, kv, group*T, D]) so K and V are never repeated or copied.
+    """Attention of a few queries over the cache (`masked_cache_attention`'s folded
+    grouped-query matmuls).
 
     With a cached past (`mask` given: a verify pass of speculative decoding), each new token
     is computed alone over exactly the positions it may see: the same shapes and kernels as
     the one-token decode step at its position, so its result does not depend on the other
     tokens of the pass. With batch-invariant linear layers (`quantize.Int8Linear`) a verify
     pass then gives the very logits AR decoding would, bit for bit."""
-    b, h, t, d = q.shape
+    t = q.shape[2]
     if mask is not None and t > 1:
         past = k.shape[2] - t
         rows = [
@@ -109,31 +109,28 @@ def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
             for i in range(t)
         ]
         return torch.cat(rows, dim=2)
-    kv_heads = k.shape[1]
-    group = h // kv_heads
-    scores = q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)
-    scores = scores.float() * (d**-0.5)
-    if t > 1:  # all new tokens, no past: causal among themselves
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        scores = scores.view(b, kv_heads, group, t, t).masked_fill(~causal, float("-inf"))
-        scores = scores.view(b, kv_heads, group * t, t)
-    probs = scores.softmax(-1).to(v.dtype)
-    return (probs @ v).view(b, h, t, d)
+    # All new tokens and no past: causal among themselves (one token sees all there is).
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril() if t > 1 else None
+    return masked_cache_attention(q, k, v, causal)
 
 
-def masked_cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of T queries over the whole cache [B, kv, L, D], `mask` [T, L] saying which
-    positions each may see (a static-shape pass: the shapes do not depend on the position,
-    so one CUDA graph replays at every step). Grouped-query heads are folded into the query
-    length as in `small_step_attention`. Work grows with the cache's capacity, not its
-    fill: cheap on a GPU, which is where this path runs by default."""
+def masked_cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of T queries over keys/values [B, kv, L, D], `mask` [T, L] (or None: all)
+    saying which positions each may see. Grouped-query heads are folded into the query
+    length ([B, kv, group*T, D]) so K and V are never repeated or copied.
+
+    A static-shape pass (CUDA graphs) calls it over the whole cache: no shape depends on
+    the position, so one graph replays at every step. Work then grows with the cache's
+    capacity, not its fill: cheap on a GPU, which is where that path runs by default."""
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
     group = h // kv_heads
     scores = (q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)).float() * (d**-0.5)
-    length = k.shape[2]
-    scores = scores.view(b, kv_heads, group, t, length).masked_fill(~mask, float("-inf"))
-    probs = scores.view(b, kv_heads, group * t, length).softmax(-1).to(v.dtype)
+    if mask is not None:
+        length = k.shape[2]
+        scores = scores.view(b, kv_heads, group, t, length).masked_fill(~mask, float("-inf"))
+        scores = scores.view(b, kv_heads, group * t, length)
+    probs = scores.softmax(-1).to(v.dtype)
     return (probs @ v).view(b, h, t, d)
 
 
