@@ -90,14 +90,60 @@ def test_kernel_rows_do_not_depend_on_the_batch() -> None:
     assert torch.equal(together, alone)
 
 
-def test_quantize_stays_within_half_a_step_of_the_weight() -> None:
+def test_minmax_quantize_stays_within_half_a_step_of_the_weight() -> None:
     torch.manual_seed(0)
     weight = torch.randn(16, 320) * torch.linspace(0.01, 1, 320)  # groups of unequal range
-    groups = Int4Groups.quantize(weight)
+    groups = Int4Groups.quantize_minmax(weight)
     scale, _ = groups.group_affine()
     err = (groups.dequantize() - weight).abs().view(16, 10, 32).amax(-1)
     assert (err <= scale * 0.5 + 1e-6).all()
     assert groups.codes.max() <= 15 and groups.d.shape == (16, 2)
+
+
+def _outlier_weight() -> Tensor:
+    torch.manual_seed(0)
+    weight = torch.randn(64, 320) * torch.linspace(0.01, 1, 320)
+    weight[torch.rand(64, 320) < 0.01] *= 8  # a few outliers stretch their groups
+    return weight
+
+
+@kernel
+def test_search_quantize_has_less_error_than_minmax() -> None:
+    weight = _outlier_weight()
+    searched, minmax = Int4Groups.quantize(weight), Int4Groups.quantize_minmax(weight)
+    assert searched.codes.max() <= 15 and searched.d.shape == (64, 2)
+    assert searched.sub_scale.shape == searched.sub_min.shape == (64, 10)
+
+    def error(groups: Int4Groups) -> float:
+        return (groups.dequantize() - weight).pow(2).mean().item()
+
+    assert error(searched) < 0.95 * error(minmax)
+
+
+@kernel
+def test_search_quantize_spends_its_grid_on_important_columns() -> None:
+    weight = _outlier_weight()
+    importance = torch.ones(320)
+    important = torch.arange(320) % 32 < 4  # 4 columns of every group matter 100x
+    importance[important] = 100.0
+    plain, weighted = Int4Groups.quantize(weight), Int4Groups.quantize(weight, importance)
+
+    def error(groups: Int4Groups, columns: Tensor) -> float:
+        return (groups.dequantize() - weight)[:, columns].pow(2).mean().item()
+
+    assert error(weighted, important) < 0.8 * error(plain, important)
+    assert error(weighted, ~important) > error(plain, ~important)  # the price elsewhere
+
+
+@kernel
+def test_search_quantize_keeps_constant_groups_and_rejects_bad_importance() -> None:
+    weight = torch.full((8, 64), 0.25)
+    weight[:, 32:] = -1.5
+    groups = Int4Groups.quantize(weight)
+    # A constant group is its minimum, exact up to the minimum's 8-bit grid.
+    assert ((groups.dequantize() - weight).abs() <= groups.dmin / 2 + 1e-7).all()
+    with pytest.raises(RuntimeError, match="importance must have 64 values"):
+        Int4Groups.quantize(weight, torch.ones(63))
 
 
 @kernel

@@ -33,7 +33,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from draftlm.gguf_int4 import Int4Groups
 
-SOURCE = Path(__file__).parent / "kernels" / "int4_avx2.cpp"
+SOURCES = [Path(__file__).parent / "kernels" / name
+           for name in ("int4_avx2.cpp", "int4_quantize.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 _loaded: dict[str, bool] = {}
 
@@ -68,7 +69,7 @@ def int4_kernel_available() -> bool:
             if not (Path(_get_build_directory("draftlm_cpu", False)) / "draftlm_cpu.so").exists():
                 print("draftlm: building the int4 CPU kernel (once per machine, ~40 s)",
                       file=sys.stderr, flush=True)
-            load(name="draftlm_cpu", sources=[str(SOURCE)], extra_cflags=FLAGS,
+            load(name="draftlm_cpu", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
                  extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             torch.library.register_fake("draftlm_cpu::int4_linear")(_int4_linear_shape)

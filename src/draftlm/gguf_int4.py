@@ -15,7 +15,8 @@ A GGUF file's Q4_K blocks copy in exactly (6-bit scales and minimums fit the 8-b
 Q4_0 and Q4_1 keep their codes; their per-group float16 scales are rounded to 8 bits of
 their super-block's largest (relative error < 0.2% for the largest, more for groups far
 smaller). Other types (Q5, Q6_K, Q8_0, floats) have no 4-bit codes and are quantized from
-floats (`Int4Groups.quantize`).
+floats (`Int4Groups.quantize`: an error-minimising search, optionally weighted by how
+large each input column's activations are).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ GROUP = 32
 SUPER = 8  # groups per super-block
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+SEARCH_STEPS = 20  # candidate grids per group beyond min-max (llama.cpp's Q4_K uses 20)
 
 
 def _per_super(values: Tensor) -> Tensor:
@@ -92,7 +94,25 @@ class Int4Groups:
                    d, dmin)
 
     @classmethod
-    def quantize(cls, weight: Tensor) -> Int4Groups:
+    def quantize(cls, weight: Tensor, importance: Tensor | None = None) -> Int4Groups:
+        """Float weight [rows, cols] (cols a multiple of 32) -> 4-bit groups.
+
+        With draftlm's CPU kernels (x86 with AVX2 and a compiler): llama.cpp's
+        error-minimising search (kernels/int4_quantize.cpp), each group's scale and minimum
+        fitted by weighted least squares over a few candidate grids, weighted by
+        `importance` (mean squared activation per input column, `calibrate`) when given.
+        Elsewhere: min-max groups (`quantize_minmax`), about 10% more weight error."""
+        from draftlm.cpu_kernels import int4_kernel_available
+
+        if not int4_kernel_available():
+            return cls.quantize_minmax(weight)
+        empty = weight.new_empty(0, dtype=torch.float32)
+        parts = torch.ops.draftlm_cpu.int4_quantize(
+            weight, empty if importance is None else importance.float(), SEARCH_STEPS, -1.0, 0.1)
+        return cls(*parts)
+
+    @classmethod
+    def quantize_minmax(cls, weight: Tensor) -> Int4Groups:
         """Float weight [rows, cols] (cols a multiple of 32) -> 4-bit groups: each group's
         minimum rounded down onto its super-block's 8-bit grid, the scale fitted to reach
         the group's maximum, then the codes rounded against both."""

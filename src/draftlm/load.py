@@ -146,8 +146,10 @@ def load(
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
     GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
     `quantize` (none, int8, int4, int4-mixed) replaces the linear layers by CPU-quantized
-    ones (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored;
-    int4-mixed keeps the output head and what the file stores above 4 bits in int8.
+    ones (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored
+    and quantizes other layers weighted by activation statistics (`draftlm.calibrate`,
+    cached per model); int4-mixed keeps the output head and what the file stores above 4
+    bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
     (`Transformer.compile_decode_step`)."""
     from draftlm.quantize import FOUR_BIT_MODES, QUANTIZE_MODES, quantize_model
@@ -184,14 +186,19 @@ def load(
         hf = read_hf_folder(path)
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
-    int4_groups = None
+    int4_groups = importance = None
     if quantize in FOUR_BIT_MODES:
         gguf_file = path if path.is_file() else gguf_source(source)
         if gguf_file is not None:
             from draftlm.gguf_int4 import read_int4_groups
 
             int4_groups = read_int4_groups(gguf_file, config.n_heads, config.n_kv_heads)
-    quantize_model(model, quantize, int4_groups)
+        from draftlm.calibrate import cached_importance
+
+        # Run only if some layer is quantized to 4 bits from floats (quantize_model).
+        def importance() -> dict:
+            return cached_importance(model, tokenizer, path)
+    quantize_model(model, quantize, int4_groups, importance)
     if compile_step:
         model.compile_decode_step()
     return LM(model, tokenizer, config, config.name if config.name != "custom" else name,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -142,14 +143,14 @@ class Int4Linear(_QuantizedLinear):
 
     mode = "int4"
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, importance: Tensor | None = None) -> None:
         super().__init__(linear)
         weight = linear.weight.detach()
         out_f, in_f = weight.shape
         if in_f % INT4_GROUP:
             raise DraftlmError(f"--quantize int4 needs in_features divisible by {INT4_GROUP}, "
                                f"got {in_f} x {out_f}")
-        self._set_groups(Int4Groups.quantize(weight))
+        self._set_groups(Int4Groups.quantize(weight, importance))
 
     @classmethod
     def from_groups(cls, groups: Int4Groups, bias: Tensor | None = None) -> Int4Linear:
@@ -221,8 +222,28 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _plan(model: nn.Module) -> list[tuple[nn.Module, str, str, list[str]]]:
+    """(parent, new attribute, name prefix, parts) for every layer `quantize_model` makes.
+    Projections that read the same input become one layer: one kernel call, one activation
+    quantization (rows are exact either way: weights are per channel)."""
+    plan = []
+    for prefix, parent in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        fused = set()
+        for parts, attr in ((["q_proj", "k_proj", "v_proj"], "qkv_proj"),
+                            (["gate_proj", "up_proj"], "gate_up_proj")):
+            if all(isinstance(getattr(parent, p, None), nn.Linear) for p in parts):
+                plan.append((parent, attr, prefix, parts))
+                fused.update(parts)
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and name not in fused:
+                plan.append((parent, name, prefix, [name]))
+    return plan
+
+
 def quantize_model(
-    model: nn.Module, mode: str, int4_groups: dict[str, Int4Groups] | None = None
+    model: nn.Module, mode: str, int4_groups: dict[str, Int4Groups] | None = None,
+    importance: dict[str, Tensor] | Callable[[], dict[str, Tensor]] | None = None,
 ) -> nn.Module:
     """Replace every `nn.Linear` of `model` (in place) by its quantized form; returns it.
 
@@ -230,43 +251,45 @@ def quantize_model(
     int4 layers their codes as stored in a GGUF file instead of re-quantized floats; a fused
     layer takes them only when all its parts have them. `int4-mixed` puts the head, and
     layers with a part the file stores above 4 bits, in int8 instead (module docstring).
-    A tied output head shares the embedding's Parameter; quantizing it makes a separate
-    int8/int4 copy."""
+    `importance` (module name -> mean squared input activation per column, from
+    `calibrate`; or a function returning it, called on the float model only when some layer
+    is quantized to int4 from floats) weights the 4-bit search toward the columns that
+    matter. A tied output head shares the embedding's Parameter; quantizing it makes a
+    separate int8/int4 copy."""
     if mode not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown --quantize {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
     stored = int4_groups if mode in FOUR_BIT_MODES and int4_groups else {}
 
-    def make(prefix: str, parts: list[str], linears: list[nn.Linear]) -> nn.Module:
-        names = [f"{prefix}{part}.weight" for part in parts]
-        fused = _concat(linears) if len(linears) > 1 else linears[0]
-        from_file = bool(names) and all(n in stored for n in names)
+    def kind(prefix: str, parts: list[str]) -> str:
+        """int8, int4 (from floats) or stored (the file's 4-bit codes)."""
+        from_file = all(f"{prefix}{part}.weight" in stored for part in parts)
+        if mode == "int8":
+            return "int8"
         if mode == "int4-mixed" and (parts == ["lm_head"] or (stored and not from_file)):
             # What llama.cpp's Q4_K_M keeps above 4 bits (the output head, and the tensors
             # the file stores as Q5/Q6/Q8) stays in 8 bits.
-            return Int8Linear(fused)
-        if from_file:
-            return Int4Linear.from_groups(Int4Groups.concat([stored[n] for n in names]),
-                                          fused.bias)
-        return Int8Linear(fused) if mode == "int8" else Int4Linear(fused)
+            return "int8"
+        return "stored" if from_file else "int4"
 
-    for prefix, module in list(model.named_modules()):
-        prefix = f"{prefix}." if prefix else ""
-        # Projections that read the same input become one layer: one kernel call, one
-        # activation quantization (rows are exact either way: weights are per channel).
-        if isinstance(getattr(module, "q_proj", None), nn.Linear):
-            parts = ["q_proj", "k_proj", "v_proj"]
-            module.qkv_proj = make(prefix, parts, [getattr(module, p) for p in parts])
-            del module.q_proj, module.k_proj, module.v_proj
-        if isinstance(getattr(module, "gate_proj", None), nn.Linear):
-            parts = ["gate_proj", "up_proj"]
-            module.gate_up_proj = make(prefix, parts, [getattr(module, p) for p in parts])
-            del module.gate_proj, module.up_proj
-    for prefix, parent in list(model.named_modules()):
-        prefix = f"{prefix}." if prefix else ""
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(prefix, [name], [child]))
+    plan = [(parent, attr, prefix, parts, kind(prefix, parts))
+            for parent, attr, prefix, parts in _plan(model)]
+    if callable(importance):
+        importance = importance() if any(k == "int4" for *_, k in plan) else None
+    for parent, attr, prefix, parts, how in plan:
+        linears = [getattr(parent, p) for p in parts]
+        fused = _concat(linears) if len(linears) > 1 else linears[0]
+        if how == "stored":
+            layer = Int4Linear.from_groups(Int4Groups.concat(
+                [stored[f"{prefix}{p}.weight"] for p in parts]), fused.bias)
+        elif how == "int4":
+            # Fused parts read the same input: the first part's statistics hold for all.
+            layer = Int4Linear(fused, (importance or {}).get(f"{prefix}{parts[0]}"))
+        else:
+            layer = Int8Linear(fused)
+        for p in parts:
+            delattr(parent, p)
+        setattr(parent, attr, layer)
     model.quantization = mode  # read back by LM.quantization
     return model
