@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from draftlm.calibrate import (CALIBRATION_MODULES, activation_importance, cached_importance,
-                               calibration_windows)
+from draftlm.calibrate import (
+    CALIBRATION_MODULES,
+    activation_importance,
+    cached_importance,
+    calibration_windows,
+)
 from draftlm.hf_checkpoint import save_hf_folder
 from draftlm.quantize import Int4Linear, quantize_model
 from tests.conftest import make_tiny_lm

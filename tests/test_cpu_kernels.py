@@ -100,7 +100,7 @@ def test_minmax_quantize_stays_within_half_a_step_of_the_weight() -> None:
     assert groups.codes.max() <= 15 and groups.d.shape == (16, 2)
 
 
-def _outlier_weight() -> Tensor:
+def _outlier_weight() -> torch.Tensor:
     torch.manual_seed(0)
     weight = torch.randn(64, 320) * torch.linspace(0.01, 1, 320)
     weight[torch.rand(64, 320) < 0.01] *= 8  # a few outliers stretch their groups
@@ -128,7 +128,7 @@ def test_search_quantize_spends_its_grid_on_important_columns() -> None:
     importance[important] = 100.0
     plain, weighted = Int4Groups.quantize(weight), Int4Groups.quantize(weight, importance)
 
-    def error(groups: Int4Groups, columns: Tensor) -> float:
+    def error(groups: Int4Groups, columns: torch.Tensor) -> float:
         return (groups.dequantize() - weight)[:, columns].pow(2).mean().item()
 
     assert error(weighted, important) < 0.8 * error(plain, important)
