@@ -42,6 +42,22 @@ def test_int8_linear_is_close_to_the_float_layer(bias: bool) -> None:
     assert error < 0.02  # 7-bit weights, 8-bit activations per row
 
 
+def test_int8_activations_cost_almost_nothing_beside_the_weights() -> None:
+    """Two-part activations (8-bit row + 8-bit residual) are ~16-bit: the layer's error is
+    its 7-bit weights' error, even for a row with one large outlier."""
+    lin = random_linear(bias=False)
+    layer = Int8Linear(lin)
+    w = lin.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / Int8Linear.WEIGHT_MAX
+    weights_only = nn.Linear(256, 96, bias=False)
+    weights_only.weight.data = (w / scale).round() * scale
+    x = torch.randn(4, 256)
+    x[:, 7] = 60.0  # an outlier channel: one 8-bit step per row would be ~0.5
+    with torch.no_grad():
+        assert relative_error(layer(x), weights_only(x)) < 2e-4
+        assert relative_error(layer(x), lin(x)) > 1e-3  # the weights' own error remains
+
+
 def test_int8_rows_do_not_depend_on_the_batch() -> None:
     """fbgemm quantizes a batch with one scale; the per-row pinning makes each row exact."""
     layer = Int8Linear(random_linear())
