@@ -17,8 +17,9 @@
 // Each group's float scale and minimum are rounded onto their super-block's 8-bit grids
 // and the codes chosen again against the rounded pair.
 //
-// Plain scalar C++ over 32-value groups: -O3 vectorises the inner loops, rows run in
-// parallel (at::parallel_for), about 2 s for Qwen2.5-Coder-0.5B's 4-bit layers on 2 cores.
+// Plain scalar C++ over 32-value groups (-O3 vectorises some inner loops), rows in parallel
+// (at::parallel_for): ~45 ns per weight on 2 cores, ~20 s for the 440M weights that
+// Qwen2.5-Coder-0.5B's file stores above 4 bits (min-max groups in torch: ~10 s).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
