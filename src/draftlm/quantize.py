@@ -136,10 +136,11 @@ class Int8Linear(_QuantizedLinear):
         n = rows.shape[0]
         peak = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         scaled = rows / peak
-        # fbgemm's grid for the pinned range [-1, 1]: step 2/255, zero point 128. Where a
-        # tie rounds the other way in fbgemm, that value just keeps its 8-bit error.
+        # fbgemm's grid for the pinned range [-1, 1]: step 2/255, levels -128..127 around
+        # zero point 128. Where a tie rounds the other way in fbgemm, that value just keeps
+        # its 8-bit error.
         step = 2.0 / 255
-        coarse = ((scaled / step).round() + 128).clamp(0, 255).sub(128) * step
+        coarse = (scaled / step).round().clamp(-128, 127) * step
         residual = ((scaled - coarse) * 255).clamp(-1.0, 1.0)
         pinned = torch.cat([torch.cat([scaled, residual]), self.pins.expand(2 * n, 2)], 1)
         y = int8_linear(pinned, self._handle, self.out_features)
