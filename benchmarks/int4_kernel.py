@@ -1,4 +1,5 @@
-"""The int4 layer against fbgemm's int8 layer on one model's linear shapes.
+"""The int4 layer against the int8 layer (and fbgemm's int8, which draftlm's int8 kernel
+replaced) on one model's linear shapes.
 
     python benchmarks/int4_kernel.py --threads 2
 
@@ -18,6 +19,7 @@ import time
 import torch
 import torch.nn as nn
 
+from draftlm import quantize
 from draftlm.config import PRESETS
 from draftlm.quantize import Int4Linear, Int8Linear
 
@@ -56,7 +58,12 @@ def main() -> None:
     linears = [nn.Linear(i, o, bias=False) for _ in range(args.blocks) for i, o in shapes]
     modes = {"int8": [Int8Linear(lin) for lin in linears],
              "int4": [Int4Linear(lin) for lin in linears]}
-    nbytes = {"int8": sum(i * o for i, o in shapes),
+    if modes["int8"][0].kernel == "draftlm":  # the kernel it replaced, as a peer
+        available = quantize.cpu_kernels_available
+        quantize.cpu_kernels_available = lambda: False
+        modes["fbgemm"] = [Int8Linear(lin) for lin in linears]
+        quantize.cpu_kernels_available = available
+    nbytes = {"int8": sum(i * o for i, o in shapes), "fbgemm": sum(i * o for i, o in shapes),
               "int4": sum(m.weight_bytes for m in modes["int4"]) // args.blocks}
     print(f"{args.model}: one block's projections (mean of {args.blocks} blocks), "
           f"{args.threads} threads")

@@ -1,6 +1,7 @@
-"""draftlm's AVX2 int4 kernel: the dot products of its int8 activations with the 4-bit
+"""draftlm's AVX2 kernels. int4: the dot products of its int8 activations with the 4-bit
 codes in super-blocks, rows independent of the batch, GGUF Q4_K's order, the quantizer's
-error bound, and PyTorch's kernel as the fallback giving the same layer within rounding."""
+error bound, and PyTorch's kernel as the fallback giving the same layer within rounding.
+int8: float activations times the 8-bit weights, rows independent of the batch."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 import torch.nn as nn
 
 from draftlm import cpu_kernels, quantize
-from draftlm.cpu_kernels import int4_kernel_available, pack_int4
+from draftlm.cpu_kernels import cpu_kernels_available, pack_int4, pack_int8
 from draftlm.gguf_int4 import Int4Groups
-from draftlm.quantize import Int4Linear
+from draftlm.quantize import Int4Linear, Int8Linear
 
-kernel = pytest.mark.skipif(not int4_kernel_available(),
-                            reason="draftlm's int4 kernel cannot be built here")
+kernel = pytest.mark.skipif(not cpu_kernels_available(),
+                            reason="draftlm's CPU kernels cannot be built here")
 
 
 def random_groups(n: int, k: int, seed: int = 0) -> Int4Groups:
@@ -151,7 +152,7 @@ def test_both_kernels_give_the_same_layer(monkeypatch: pytest.MonkeyPatch) -> No
     torch.manual_seed(0)
     lin = nn.Linear(256, 48)
     ours = Int4Linear(lin)
-    monkeypatch.setattr(quantize, "int4_kernel_available", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_kernels_available", lambda: False)
     theirs = Int4Linear(lin)
     assert (ours.kernel, theirs.kernel) == ("draftlm", "torch")
     assert ours.weight_bytes < theirs.weight_bytes * 1.01
@@ -174,8 +175,8 @@ def test_compiled_layer_equals_the_eager_one() -> None:
 
 
 def test_forced_fallback_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DRAFTLM_INT4_KERNEL", "torch")
-    assert cpu_kernels._why_not() == "DRAFTLM_INT4_KERNEL=torch"
+    monkeypatch.setenv("DRAFTLM_CPU_KERNELS", "torch")
+    assert cpu_kernels._why_not() == "DRAFTLM_CPU_KERNELS=torch"
 
 
 @kernel
@@ -190,5 +191,63 @@ def test_layers_hold_weights_behind_a_handle_released_with_them() -> None:
     assert torch.equal(torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16), layer(x))
     del layer
     gc.collect()
-    with pytest.raises(RuntimeError, match="no int4 layer"):
+    with pytest.raises(RuntimeError, match="no registered layer"):
         torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16)
+
+
+def random_int8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+            torch.rand(n, generator=g) * 1e-2 + 1e-3)
+
+
+def run_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.draftlm_cpu.int8_linear(x, *pack_int8(codes, scale), codes.shape[0])
+
+
+def test_pack_int8_interleaves_rows_in_panels_of_eight() -> None:
+    codes, scale = random_int8(10, 12)
+    packed, scales = pack_int8(codes, scale)
+    assert packed.shape == (2, 12, 8) and scales.shape == (16,)
+    for row, k in [(0, 0), (3, 5), (9, 11), (8, 0)]:
+        assert packed[row // 8, k, row % 8] == codes[row, k]
+    assert packed[1, :, 2:].eq(0).all() and scales[10:].eq(0).all()  # padding rows
+
+
+@kernel
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 40), (2, 5, 13), (3, 96, 8),
+                                           (4, 1539, 17), (7, 896, 7), (40, 331, 41)])
+def test_int8_kernel_is_float_activations_times_the_weights(m: int, k: int, n: int) -> None:
+    """Row blocks of 3 with remainders of 1 and 2, K not a multiple of 8 (and shorter than
+    8), a part-filled last panel: float sums of exact products, no activation rounding."""
+    codes, scale = random_int8(n, k)
+    x = torch.randn(m, k)
+    x[0, :3] = 1e4  # an outlier would cost an 8-bit activation grid dearly
+    expected = (x.double() @ codes.double().T) * scale.double()
+    torch.testing.assert_close(run_int8(x, codes, scale).double(), expected,
+                               rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@kernel
+def test_int8_kernel_rows_do_not_depend_on_the_batch() -> None:
+    codes, scale = random_int8(24, 517)
+    x = torch.randn(37, 517)
+    x[3] *= 1000
+    together = run_int8(x, codes, scale)
+    for rows in (1, 2, 3, 4, 5):  # each row block size and its remainders
+        assert torch.equal(torch.cat([run_int8(x[i : i + rows], codes, scale)
+                                      for i in range(0, 37, rows)]), together)
+
+
+@kernel
+def test_int8_layers_hold_weights_behind_a_handle_released_with_them() -> None:
+    import gc
+
+    layer = Int8Linear(nn.Linear(64, 16, bias=False))
+    assert layer.kernel == "draftlm" and list(layer.named_buffers()) == []
+    handle, x = layer._handle, torch.randn(3, 64)
+    assert torch.equal(torch.ops.draftlm_cpu.int8_linear_handle(x, handle, 16), layer(x))
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no registered layer"):
+        torch.ops.draftlm_cpu.int8_linear_handle(x, handle, 16)

@@ -1,20 +1,26 @@
-"""draftlm's own CPU kernel for int4 decoding, built on first use.
+"""draftlm's own CPU kernels for int4 and int8 decoding, built on first use.
 
 PyTorch's int4 CPU kernel wants bfloat16 activations; on CPUs without AVX512-BF16/AMX (this
 project's AVX2 machines) it decodes slower than fbgemm's int8 although it reads half the
 bytes. `kernels/int4_avx2.cpp` does what llama.cpp does for its Q4_K format: int8
 activations, byte dot products (`_mm256_maddubs_epi16`), 8-bit group scales applied in
 integers and one float conversion per super-block of 256 values, with weight rows
-interleaved in panels of 8 (`pack_int4`) so that one byte product serves 8 rows. It is
-compiled with the machine's C++ compiler through `torch.utils.cpp_extension` the first time
-an int4 layer is made (about 40 s, then cached by torch under ~/.cache/torch_extensions),
-and registered as operators `torch.ops.draftlm_cpu.*`, which torch.compile treats as opaque.
-A layer registers its packed weights once (`int4_register`) and calls
-`int4_linear_handle(x, handle, n)`: a compiled decode step then holds an integer per layer
-instead of five tensors, each of which torch.compile would check before every step.
+interleaved in panels of 8 (`pack_int4`) so that one byte product serves 8 rows.
+`kernels/int8_avx2.cpp` is weight-only int8 (float32 activations, 8-bit weights per output
+channel, the same panels of 8: `pack_int8`); it replaced fbgemm for int8 layers, which
+quantizes activations too and costs more per call (the kernel's header has the figures).
 
-Where it cannot be built (not x86 with AVX2, no compiler, a failed build) or where
-`DRAFTLM_INT4_KERNEL=torch` asks for it, int4 layers use PyTorch's kernel instead.
+They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` the
+first time a quantized layer is made (about a minute, then cached by torch under
+~/.cache/torch_extensions), and registered as operators `torch.ops.draftlm_cpu.*`, which
+torch.compile treats as opaque. A layer registers its packed weights once (`int4_register`,
+`int8_register`; `kernels/registry.cpp`) and calls `int4_linear_handle(x, handle, n)` or
+`int8_linear_handle`: a compiled decode step then holds an integer per layer instead of
+weight tensors, each of which torch.compile would check before every step.
+
+Where they cannot be built (not x86 with AVX2, no compiler, a failed build) or where
+`DRAFTLM_CPU_KERNELS=torch` asks for it, int4 layers use PyTorch's kernel and int8 layers
+fbgemm (with per-row two-part int8 activations: `quantize.Int8Linear`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ if TYPE_CHECKING:
     from draftlm.gguf_int4 import Int4Groups
 
 SOURCES = [Path(__file__).parent / "kernels" / name
-           for name in ("int4_avx2.cpp", "int4_quantize.cpp")]
+           for name in ("registry.cpp", "int4_avx2.cpp", "int4_quantize.cpp", "int8_avx2.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 _loaded: dict[str, bool] = {}
 
@@ -46,8 +52,8 @@ def has_cpp_compiler() -> bool:
 
 def _why_not() -> str | None:
     """Why the kernel cannot be used here, or None when it can be built."""
-    if os.environ.get("DRAFTLM_INT4_KERNEL", "auto") == "torch":
-        return "DRAFTLM_INT4_KERNEL=torch"
+    if os.environ.get("DRAFTLM_CPU_KERNELS", "auto") == "torch":
+        return "DRAFTLM_CPU_KERNELS=torch"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -57,34 +63,41 @@ def _why_not() -> str | None:
     return None
 
 
-def int4_kernel_available() -> bool:
-    """True when `torch.ops.draftlm_cpu.int4_linear` is loaded (built here if need be)."""
-    if "int4" in _loaded:
-        return _loaded["int4"]
+def cpu_kernels_available() -> bool:
+    """True when the `torch.ops.draftlm_cpu` kernels are loaded (built here if need be)."""
+    if "kernels" in _loaded:
+        return _loaded["kernels"]
     reason = _why_not()
     if reason is None:
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
             if not (Path(_get_build_directory("draftlm_cpu", False)) / "draftlm_cpu.so").exists():
-                print("draftlm: building the int4 CPU kernel (once per machine, ~40 s)",
+                print("draftlm: building its CPU kernels (once per machine, about a minute)",
                       file=sys.stderr, flush=True)
             load(name="draftlm_cpu", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
                  extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             torch.library.register_fake("draftlm_cpu::int4_linear")(_int4_linear_shape)
             torch.library.register_fake("draftlm_cpu::int4_linear_handle")(_int4_handle_shape)
-        except Exception as exc:  # a broken toolchain must not stop int4 from working
+            torch.library.register_fake("draftlm_cpu::int8_linear")(_int8_linear_shape)
+            torch.library.register_fake("draftlm_cpu::int8_linear_handle")(_int4_handle_shape)
+        except Exception as exc:  # a broken toolchain must not stop quantized layers working
             reason = f"its build failed ({str(exc).strip().splitlines()[-1][:200]})"
-    if reason is not None and os.environ.get("DRAFTLM_INT4_KERNEL") != "torch":
-        warnings.warn(f"draftlm's int4 kernel is not used: {reason}; int4 layers run "
-                      "PyTorch's kernel (slower on AVX2 CPUs)", stacklevel=2)
-    _loaded["int4"] = reason is None
-    return _loaded["int4"]
+    if reason is not None and os.environ.get("DRAFTLM_CPU_KERNELS") != "torch":
+        warnings.warn(f"draftlm's CPU kernels are not used: {reason}; int4 layers run "
+                      "PyTorch's kernel and int8 layers fbgemm (slower on AVX2 CPUs)",
+                      stacklevel=2)
+    _loaded["kernels"] = reason is None
+    return _loaded["kernels"]
 
 
 def _int4_linear_shape(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, d: Tensor,
                        dmin: Tensor, n: int) -> Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+def _int8_linear_shape(x: Tensor, codes: Tensor, scale: Tensor, n: int) -> Tensor:
     return x.new_empty(x.shape[0], n)
 
 
@@ -122,3 +135,16 @@ def pack_int4(groups: Int4Groups) -> dict[str, Tensor]:
         "d": rows8(groups.d.float(), s).transpose(1, 2).contiguous(),
         "dmin": rows8(groups.dmin.float(), s).transpose(1, 2).contiguous(),
     }
+
+
+def pack_int8(codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes [N, K] and per-row scales [N] -> the int8 kernel's buffers
+    (kernels/int8_avx2.cpp): codes [P, K, 8] with rows in panels of 8, column-interleaved,
+    and scales [8P]; padding rows are zeros."""
+    n, k = codes.shape
+    panels = -(-n // 8)
+    padded = codes.new_zeros(panels * 8, k)
+    padded[:n] = codes
+    scales = scale.new_zeros(panels * 8)
+    scales[:n] = scale
+    return padded.view(panels, 8, k).transpose(1, 2).contiguous(), scales.float().contiguous()

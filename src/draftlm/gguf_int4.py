@@ -102,9 +102,9 @@ class Int4Groups:
         fitted by weighted least squares over a few candidate grids, weighted by
         `importance` (mean squared activation per input column, `calibrate`) when given.
         Elsewhere: min-max groups (`quantize_minmax`), about 10% more weight error."""
-        from draftlm.cpu_kernels import int4_kernel_available
+        from draftlm.cpu_kernels import cpu_kernels_available
 
-        if not int4_kernel_available():
+        if not cpu_kernels_available():
             return cls.quantize_minmax(weight)
         empty = weight.new_empty(0, dtype=torch.float32)
         parts = torch.ops.draftlm_cpu.int4_quantize(

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from draftlm.cpu_kernels import int4_kernel_available, pack_int4
+from draftlm.cpu_kernels import cpu_kernels_available, pack_int4, pack_int8
 from draftlm.errors import DraftlmError
 from draftlm.gguf_int4 import Int4Groups
 
@@ -103,20 +103,33 @@ class _QuantizedLinear(nn.Module):
 
 
 class Int8Linear(_QuantizedLinear):
-    """`y = x @ W.T + b` with int8 weights and per-row two-part int8 activations (fbgemm)."""
+    """`y = x @ W.T + b` with int8 weights, one scale per output channel: weight-only int8
+    in draftlm's AVX2 kernel (float32 activations), or fbgemm with per-row two-part int8
+    activations where that kernel cannot be built (module docstring)."""
 
     mode = "int8"
-    WEIGHT_MAX = 63  # 7-bit weights: u8 x s8 pair sums stay within int16 (see module doc)
+    WEIGHT_MAX = 127  # draftlm's kernel: activations stay float, so full 8-bit weights
+    FBGEMM_WEIGHT_MAX = 63  # 7-bit weights: u8 x s8 pair sums stay within int16
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        weight = linear.weight.detach()
+        w = linear.weight.detach().float()
+        if cpu_kernels_available():
+            self.kernel = "draftlm"
+            scale = (w.abs().amax(dim=1) / self.WEIGHT_MAX).clamp(min=1e-12)
+            q = (w / scale[:, None]).round().clamp(-self.WEIGHT_MAX, self.WEIGHT_MAX)
+            # Held by the kernel's registry and called by handle, as the int4 layers.
+            self._handle = torch.ops.draftlm_cpu.int8_register(*pack_int8(q.to(torch.int8), scale))
+            weakref.finalize(self, torch.ops.draftlm_cpu.release, self._handle)
+            return
         if "fbgemm" not in torch.backends.quantized.supported_engines:
-            raise DraftlmError("--quantize int8 needs PyTorch's fbgemm engine (x86 CPUs)")
+            raise DraftlmError("--quantize int8 needs draftlm's CPU kernel (x86 with AVX2 and "
+                               "a C++ compiler) or PyTorch's fbgemm engine (x86 CPUs)")
+        self.kernel = "fbgemm"
         torch.backends.quantized.engine = "fbgemm"
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / self.WEIGHT_MAX).clamp(min=1e-12)
-        q = (w / scale[:, None]).round().clamp(-self.WEIGHT_MAX, self.WEIGHT_MAX).to(torch.int8)
+        scale = (w.abs().amax(dim=1) / self.FBGEMM_WEIGHT_MAX).clamp(min=1e-12)
+        q = (w / scale[:, None]).round().clamp(-self.FBGEMM_WEIGHT_MAX, self.FBGEMM_WEIGHT_MAX)
+        q = q.to(torch.int8)
         # Two extra input columns with zero weights carry the +1/-1 range pins.
         q = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
         with warnings.catch_warnings():  # fbgemm's packing still takes a quantized tensor
@@ -133,6 +146,9 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, shape[-1]).float()
+        if self.kernel == "draftlm":
+            y = torch.ops.draftlm_cpu.int8_linear_handle(rows, self._handle, self.out_features)
+            return self._output(y, shape, dtype)
         n = rows.shape[0]
         peak = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
         scaled = rows / peak
@@ -145,6 +161,9 @@ class Int8Linear(_QuantizedLinear):
         pinned = torch.cat([torch.cat([scaled, residual]), self.pins.expand(2 * n, 2)], 1)
         y = int8_linear(pinned, self._handle, self.out_features)
         return self._output((y[:n] + y[n:] / 255) * peak, shape, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()} {self.kernel} kernel"
 
 
 class Int4Linear(_QuantizedLinear):
@@ -177,13 +196,13 @@ class Int4Linear(_QuantizedLinear):
 
     def _set_groups(self, groups: Int4Groups) -> None:
         """Store `groups` in the layout of the kernel this machine runs."""
-        if int4_kernel_available():
+        if cpu_kernels_available():
             self.kernel = "draftlm"
             # Held by the kernel's registry and called by handle: torch.compile guards
             # every tensor a compiled step reads, and these would be 5 per layer.
             self._packed = pack_int4(groups)
             self._handle = torch.ops.draftlm_cpu.int4_register(*self._packed.values())
-            weakref.finalize(self, torch.ops.draftlm_cpu.int4_release, self._handle)
+            weakref.finalize(self, torch.ops.draftlm_cpu.release, self._handle)
             return
         q = groups.codes
         if q.shape[0] % 16:

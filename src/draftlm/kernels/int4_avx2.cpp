@@ -44,9 +44,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
+
+namespace draftlm {  // kernels/registry.cpp: layers reached by an integer handle
+int64_t keep(std::vector<at::Tensor> tensors);
+std::vector<at::Tensor> kept(int64_t handle);
+}  // namespace draftlm
 
 namespace {
 
@@ -252,35 +255,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
-// Layers registered once, then called by an integer handle. Why: torch.compile checks a
-// guard for every tensor a compiled step reads from the model before each call, and five
-// weight tensors per layer made that ~6 ms of a 37 ms decode step of Qwen2.5-Coder-0.5B;
-// an integer attribute costs next to nothing to check.
-std::mutex registry_mutex;
-std::unordered_map<int64_t, std::vector<at::Tensor>> registry;
-int64_t next_handle = 0;
-
 int64_t int4_register(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                       const at::Tensor& d, const at::Tensor& dmin) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  registry[next_handle] = {codes.contiguous(), scales.contiguous(), mins.contiguous(),
-                           d.contiguous(), dmin.contiguous()};
-  return next_handle++;
-}
-
-void int4_release(int64_t handle) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  registry.erase(handle);
+  return draftlm::keep({codes, scales, mins, d, dmin});
 }
 
 at::Tensor int4_linear_handle(const at::Tensor& x, int64_t handle, int64_t N) {
-  std::vector<at::Tensor> w;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex);
-    auto it = registry.find(handle);
-    TORCH_CHECK(it != registry.end(), "no int4 layer with handle ", handle);
-    w = it->second;
-  }
+  const std::vector<at::Tensor> w = draftlm::kept(handle);
   return int4_linear(x, w[0], w[1], w[2], w[3], w[4], N);
 }
 
@@ -290,7 +271,6 @@ TORCH_LIBRARY(draftlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor d, "
         "Tensor dmin, int n) -> Tensor");
   m.def("int4_register(Tensor codes, Tensor scales, Tensor mins, Tensor d, Tensor dmin) -> int");
-  m.def("int4_release(int handle) -> ()");
   m.def("int4_linear_handle(Tensor x, int handle, int n) -> Tensor");
 }
 
@@ -301,5 +281,4 @@ TORCH_LIBRARY_IMPL(draftlm_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(draftlm_cpu, CompositeExplicitAutograd, m) {
   m.impl("int4_register", &int4_register);
-  m.impl("int4_release", &int4_release);
 }
