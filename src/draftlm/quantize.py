@@ -4,23 +4,23 @@ Decoding one token reads every weight once, so on a CPU its speed is set by how 
 the linear layers hold. Two layers replace `nn.Linear` (embeddings stay, since a lookup
 reads one row):
 
-* `Int8Linear`: int8 weights per output channel, run by PyTorch's fbgemm kernel
-  (`quantized::linear_dynamic`, AVX2/AVX-512 u8 x s8 dot products). fbgemm quantizes the
-  activations with one scale for the whole batch, which would make a token's result depend
-  on the other tokens of a verify pass. Each row is therefore first scaled to max |x| = 1 and
-  two constant columns (+1, -1, with zero weights) pin the batch's range to [-1, 1]: every
-  row is quantized exactly as it would be alone, the integer dot products are exact, and a
-  row's output is bit-for-bit the same in a batch of 6 as in a batch of 1. With the
-  batch-invariant decode attention of `model.small_step_attention` this keeps greedy
-  speculative decoding token-for-token equal to greedy AR decoding of the quantized model.
-  Weights use 7 bits (|q| <= 63) so that the AVX2 pairwise u8 x s8 sums can never saturate
-  int16 with full 8-bit activations (measured: perplexity +0.1% on Qwen2.5-Coder-1.5B,
-  where 8-bit weights with fbgemm's 7-bit activations cost +0.8%).
-  Activations go in as two rows each: the 8-bit row, and its rounding residual scaled up
-  255x (pinned the same way), summed after the product: about 16-bit activations. Why:
-  one 8-bit scale per row of 896+ values was two thirds of int8's error (KL divergence
-  from float32 on Qwen2.5-Coder-0.5B 0.0150 -> 0.0053), and a decode step is
-  memory-bound, so the second row costs little (a verify pass doubles its rows).
+* `Int8Linear`: weight-only int8, one scale per output channel (|q| <= 127), run by
+  draftlm's AVX2 kernel (`cpu_kernels`, kernels/int8_avx2.cpp): activations stay float32,
+  so the only error is the weights' rounding, and each row goes through the same float
+  operations in the same order at any batch size, so a row's output is bit-for-bit the
+  same in a verify pass of 6 as alone. With the batch-invariant decode attention of
+  `model.small_step_attention` this keeps greedy speculative decoding token-for-token equal
+  to greedy AR decoding of the quantized model. Why not fbgemm (PyTorch's
+  `quantized::linear_dynamic`), which int8 used until session 10: it quantizes activations
+  too, with one scale for the whole batch, and cost more per call than the weight bytes
+  need (SmolLM2-135M's compiled step: 33 -> 48 tok/s with this kernel).
+  fbgemm remains the kernel where draftlm's cannot be built. There each row is first
+  scaled to max |x| = 1 and two constant columns (+1, -1, with zero weights) pin the
+  batch's range to [-1, 1], so every row is quantized exactly as it would be alone; weights
+  use 7 bits (|q| <= 63) so that the AVX2 pairwise u8 x s8 sums can never saturate int16;
+  and activations go in as two rows each, the 8-bit row and its rounding residual scaled up
+  255x, summed after the product: about 16-bit activations (one 8-bit scale per row was two
+  thirds of that path's error: KL from float32 on Qwen2.5-Coder-0.5B 0.0150 -> 0.0053).
 * `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, in GGUF
   Q4_K's super-blocks (`gguf_int4.Int4Groups`), run by draftlm's AVX2 kernel
   (`cpu_kernels`, llama.cpp's Q4_K x Q8_K scheme: int8 activations, byte dot products,

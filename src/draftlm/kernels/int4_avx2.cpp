@@ -93,7 +93,7 @@ struct Activations {
   const int8_t* q;
   const float* d;
   const int16_t* sums;  // [M, supers * 8]
-  int64_t K, groups, supers;
+  int64_t K, supers;
 };
 
 inline __m256i bcast4(const int8_t* p) {
@@ -233,7 +233,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   });
   const Weights w{wc.data_ptr<uint8_t>(), scc.data_ptr<uint8_t>(), mnc.data_ptr<int8_t>(),
                   dc.data_ptr<float>(), dmc.data_ptr<float>(), G, H, S};
-  const Activations a{xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<int16_t>(), K, G, S};
+  const Activations a{xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<int16_t>(), K, S};
 
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
