@@ -180,19 +180,21 @@ def test_forced_fallback_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @kernel
-def test_layers_hold_weights_behind_a_handle_released_with_them() -> None:
+@pytest.mark.parametrize(("cls", "op"), [(Int4Linear, "int4_linear_handle"),
+                                         (Int8Linear, "int8_linear_handle")])
+def test_layers_hold_weights_behind_a_handle_released_with_them(cls: type, op: str) -> None:
     """No weight tensors among the module's buffers (torch.compile would guard each one
-    before every step); the kernel's registry frees them when the layer goes."""
+    before every step); the kernels' registry frees them when the layer goes."""
     import gc
 
-    layer = Int4Linear(nn.Linear(64, 16, bias=False))
-    assert list(layer.named_buffers()) == []
-    handle, x = layer._handle, torch.randn(3, 64)
-    assert torch.equal(torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16), layer(x))
+    layer = cls(nn.Linear(64, 16, bias=False))
+    assert layer.kernel == "draftlm" and list(layer.named_buffers()) == []
+    handle, x, call = layer._handle, torch.randn(3, 64), getattr(torch.ops.draftlm_cpu, op)
+    assert torch.equal(call(x, handle, 16), layer(x))
     del layer
     gc.collect()
     with pytest.raises(RuntimeError, match="no registered layer"):
-        torch.ops.draftlm_cpu.int4_linear_handle(x, handle, 16)
+        call(x, handle, 16)
 
 
 def random_int8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,16 +240,3 @@ def test_int8_kernel_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(torch.cat([run_int8(x[i : i + rows], codes, scale)
                                       for i in range(0, 37, rows)]), together)
 
-
-@kernel
-def test_int8_layers_hold_weights_behind_a_handle_released_with_them() -> None:
-    import gc
-
-    layer = Int8Linear(nn.Linear(64, 16, bias=False))
-    assert layer.kernel == "draftlm" and list(layer.named_buffers()) == []
-    handle, x = layer._handle, torch.randn(3, 64)
-    assert torch.equal(torch.ops.draftlm_cpu.int8_linear_handle(x, handle, 16), layer(x))
-    del layer
-    gc.collect()
-    with pytest.raises(RuntimeError, match="no registered layer"):
-        torch.ops.draftlm_cpu.int8_linear_handle(x, handle, 16)

@@ -79,9 +79,9 @@ def cpu_kernels_available() -> bool:
                  extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             torch.library.register_fake("draftlm_cpu::int4_linear")(_int4_linear_shape)
-            torch.library.register_fake("draftlm_cpu::int4_linear_handle")(_int4_handle_shape)
+            torch.library.register_fake("draftlm_cpu::int4_linear_handle")(_handle_shape)
             torch.library.register_fake("draftlm_cpu::int8_linear")(_int8_linear_shape)
-            torch.library.register_fake("draftlm_cpu::int8_linear_handle")(_int4_handle_shape)
+            torch.library.register_fake("draftlm_cpu::int8_linear_handle")(_handle_shape)
         except Exception as exc:  # a broken toolchain must not stop quantized layers working
             reason = f"its build failed ({str(exc).strip().splitlines()[-1][:200]})"
     if reason is not None and os.environ.get("DRAFTLM_CPU_KERNELS") != "torch":
@@ -101,7 +101,7 @@ def _int8_linear_shape(x: Tensor, codes: Tensor, scale: Tensor, n: int) -> Tenso
     return x.new_empty(x.shape[0], n)
 
 
-def _int4_handle_shape(x: Tensor, handle: int, n: int) -> Tensor:
+def _handle_shape(x: Tensor, handle: int, n: int) -> Tensor:
     return x.new_empty(x.shape[0], n)
 
 
