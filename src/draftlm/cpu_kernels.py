@@ -105,6 +105,15 @@ def _handle_shape(x: Tensor, handle: int, n: int) -> Tensor:
     return x.new_empty(x.shape[0], n)
 
 
+def _panels_of_8(t: Tensor, cols: int) -> Tensor:
+    """[n, c] -> [ceil(n / 8), 8, cols]: rows in panels of 8 as both kernels read them,
+    zero-padded in both dimensions."""
+    panels = -(-t.shape[0] // 8)
+    padded = t.new_zeros(panels * 8, cols)
+    padded[: t.shape[0], : t.shape[1]] = t
+    return padded.view(panels, 8, cols)
+
+
 def pack_int4(groups: Int4Groups) -> dict[str, Tensor]:
     """`Int4Groups` -> the kernel's buffers (kernels/int4_avx2.cpp): rows in panels of 8
     (zero rows pad the last), codes interleaved so that 32 bytes hold 4 consecutive codes
@@ -115,25 +124,19 @@ def pack_int4(groups: Int4Groups) -> dict[str, Tensor]:
     g, s = k // 32, groups.d.shape[1]
     panels, h = -(-n // 8), -(-g // 2)
 
-    def rows8(t: Tensor, cols: int) -> Tensor:
-        """[n, c] -> [panels, 8, cols], zero-padded in both dimensions."""
-        padded = t.new_zeros(panels * 8, cols)
-        padded[:n, : t.shape[1]] = t
-        return padded.view(panels, 8, cols)
-
     # [P, 8 rows, G, 8 steps, 4] -> [P, G, 8 steps, 8 rows * 4]: step t of group g is a
     # 32-byte vector with row c's codes 32g + 4t .. + 3 at bytes 4c .. 4c + 3.
-    steps = rows8(codes, k).view(panels, 8, g, 8, 4).permute(0, 2, 3, 1, 4)
+    steps = _panels_of_8(codes, k).view(panels, 8, g, 8, 4).permute(0, 2, 3, 1, 4)
     steps = steps.reshape(panels, g, 8, 32)
     packed = steps[:, :, :4] | (steps[:, :, 4:] << 4)
-    scales = rows8(groups.sub_scale, g).transpose(1, 2).repeat_interleave(2, dim=2)
-    mins = rows8(groups.sub_min, 2 * h).view(panels, 8, h, 2).permute(0, 2, 1, 3)
+    scales = _panels_of_8(groups.sub_scale, g).transpose(1, 2).repeat_interleave(2, dim=2)
+    mins = _panels_of_8(groups.sub_min, 2 * h).view(panels, 8, h, 2).permute(0, 2, 1, 3)
     return {
         "codes": packed.reshape(panels, g, 128).contiguous(),
         "scales": scales.contiguous(),
         "mins": mins.reshape(panels, h, 16).contiguous(),
-        "d": rows8(groups.d.float(), s).transpose(1, 2).contiguous(),
-        "dmin": rows8(groups.dmin.float(), s).transpose(1, 2).contiguous(),
+        "d": _panels_of_8(groups.d.float(), s).transpose(1, 2).contiguous(),
+        "dmin": _panels_of_8(groups.dmin.float(), s).transpose(1, 2).contiguous(),
     }
 
 
@@ -141,10 +144,6 @@ def pack_int8(codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """int8 codes [N, K] and per-row scales [N] -> the int8 kernel's buffers
     (kernels/int8_avx2.cpp): codes [P, K, 8] with rows in panels of 8, column-interleaved,
     and scales [8P]; padding rows are zeros."""
-    n, k = codes.shape
-    panels = -(-n // 8)
-    padded = codes.new_zeros(panels * 8, k)
-    padded[:n] = codes
-    scales = scale.new_zeros(panels * 8)
-    scales[:n] = scale
-    return padded.view(panels, 8, k).transpose(1, 2).contiguous(), scales.float().contiguous()
+    panels = _panels_of_8(codes, codes.shape[1])
+    scales = _panels_of_8(scale.float()[:, None], 1).reshape(-1)
+    return panels.transpose(1, 2).contiguous(), scales.contiguous()

@@ -102,6 +102,12 @@ class _QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
 
 
+def _per_channel(w: Tensor, top: int) -> tuple[Tensor, Tensor]:
+    """Float weights [N, K] -> int8 codes within +-top and one scale per output row."""
+    scale = (w.abs().amax(dim=1) / top).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-top, top).to(torch.int8), scale
+
+
 class Int8Linear(_QuantizedLinear):
     """`y = x @ W.T + b` with int8 weights, one scale per output channel: weight-only int8
     in draftlm's AVX2 kernel (float32 activations), or fbgemm with per-row two-part int8
@@ -116,10 +122,9 @@ class Int8Linear(_QuantizedLinear):
         w = linear.weight.detach().float()
         if cpu_kernels_available():
             self.kernel = "draftlm"
-            scale = (w.abs().amax(dim=1) / self.WEIGHT_MAX).clamp(min=1e-12)
-            q = (w / scale[:, None]).round().clamp(-self.WEIGHT_MAX, self.WEIGHT_MAX)
+            q, scale = _per_channel(w, self.WEIGHT_MAX)
             # Held by the kernel's registry and called by handle, as the int4 layers.
-            self._handle = torch.ops.draftlm_cpu.int8_register(*pack_int8(q.to(torch.int8), scale))
+            self._handle = torch.ops.draftlm_cpu.int8_register(*pack_int8(q, scale))
             weakref.finalize(self, torch.ops.draftlm_cpu.release, self._handle)
             return
         if "fbgemm" not in torch.backends.quantized.supported_engines:
@@ -127,9 +132,7 @@ class Int8Linear(_QuantizedLinear):
                                "a C++ compiler) or PyTorch's fbgemm engine (x86 CPUs)")
         self.kernel = "fbgemm"
         torch.backends.quantized.engine = "fbgemm"
-        scale = (w.abs().amax(dim=1) / self.FBGEMM_WEIGHT_MAX).clamp(min=1e-12)
-        q = (w / scale[:, None]).round().clamp(-self.FBGEMM_WEIGHT_MAX, self.FBGEMM_WEIGHT_MAX)
-        q = q.to(torch.int8)
+        q, scale = _per_channel(w, self.FBGEMM_WEIGHT_MAX)
         # Two extra input columns with zero weights carry the +1/-1 range pins.
         q = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
         with warnings.catch_warnings():  # fbgemm's packing still takes a quantized tensor
