@@ -3,6 +3,7 @@ with a scripted generate function (right, wrong and hostile answers)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from fractions import Fraction
 from math import comb
@@ -175,6 +176,24 @@ def test_compare_pairs_verdicts_with_an_exact_mcnemar_test() -> None:
     assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
     # Runs without verdicts yet (generation still going) compare tokens only.
     assert "verdicts" not in compare_samples([s("a", "")], [s("a", "passed")])
+
+
+def test_a_bad_compare_file_fails_before_the_model_loads(tmp_path: Path, monkeypatch) -> None:
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before --compare was checked")
+
+    # `draftlm.load` the attribute is the function (draftlm/__init__), so patch the module.
+    monkeypatch.setattr(importlib.import_module("draftlm.load"), "load", no_load)
+    with pytest.raises(DraftlmError, match="no samples file"):
+        cmd_humaneval(model="m", limit=1, compare=str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps(Sample("a", 0, "", [1], 1, 0.0, "stop").__dict__)
+    bad.write_text(good + "\n\n" + '{"task_id": "b"}\n')
+    with pytest.raises(DraftlmError, match=r"bad.jsonl:3 is not a HumanEval sample"):
+        cmd_humaneval(model="m", limit=1, compare=str(bad))
+    bad.write_text("not json\n")
+    with pytest.raises(DraftlmError, match=r"bad.jsonl:1 is not a HumanEval sample"):
+        read_samples(bad)
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:

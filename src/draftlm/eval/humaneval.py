@@ -216,8 +216,16 @@ def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise DraftlmError(f"no samples file {path}; pass the samples.jsonl of an earlier run")
+    samples = []
     with path.open(encoding="utf-8") as f:
-        return [Sample(**json.loads(line)) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(Sample(**json.loads(line)))
+            except (ValueError, TypeError) as err:  # bad JSON, or not a sample's fields
+                raise DraftlmError(f"{path}:{number} is not a HumanEval sample ({err})") from None
+    return samples
 
 
 def compare_samples(reference: Sequence[Sample], candidate: Sequence[Sample]) -> dict[str, Any]:
@@ -360,6 +368,8 @@ def cmd_humaneval(
                            "drop --check-draft/--compare or the temperature")
     check_compile_mode(compile_mode, draft, min_confidence)
     problems = load_problems(problems_file, limit)
+    # Read now: a bad --compare file must fail before an hour of decoding, not after it.
+    previous = read_samples(compare) if compare is not None else None
     lm = load(model, dtype=dtype, device=device, quantize=quantize,
               compile_step=compile_mode == "all")
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
@@ -383,9 +393,9 @@ def cmd_humaneval(
             t0, t1 = report["target"]["tokens_per_second"], report["with_draft"][
                 "tokens_per_second"]
             report["speedup"] = round(t1 / t0, 3) if t0 else None
-    if compare is not None:
+    if previous is not None:
         latest = plain if plain is not None else drafted
-        report["vs_previous"] = compare_samples(read_samples(compare), latest)
+        report["vs_previous"] = compare_samples(previous, latest)
     (folder / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
