@@ -401,10 +401,7 @@ class Transformer(nn.Module):
         cos, sin = self._rope[0][positions], self._rope[1][positions]
         seen = torch.arange(cache.k.shape[2], device=input_ids.device)
         mask = seen[None, :] <= positions[:, None]
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self._hidden(input_ids, cos, sin, positions, mask))
 
     def _run_compiled(self, fn, input_ids: Tensor, first: int) -> Tensor:  # noqa: ANN001
         # A fresh contiguous id tensor: a strided slice would be another graph.
@@ -425,19 +422,22 @@ class Transformer(nn.Module):
         t = input_ids.shape[1]
         cos, sin = self._rope[0][pos : pos + t], self._rope[1][pos : pos + t]
         mask = past_mask(pos, t, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, pos, mask)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self._hidden(input_ids, cos, sin, pos, mask))
 
     def _decode_one(self, input_ids: Tensor, pos: int) -> Tensor:
         """Logits [B, 1, V] of one token per row at position `pos` (cache holds pos)."""
         assert self._rope is not None
         cos, sin = self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
+        return self.lm_head(self._hidden(input_ids, cos, sin, pos, None))
+
+    def _hidden(self, input_ids: Tensor, cos: Tensor, sin: Tensor,
+                start_pos: int | Tensor | None, mask: Tensor | None) -> Tensor:
+        """Final-norm hidden states [B, T, D]: what every pass (eager, compiled, static)
+        computes alike; they differ only in how they make positions, rope rows and mask."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, pos, None)
-        return self.lm_head(self.norm(x))
+            x = layer(x, cos, sin, start_pos, mask)
+        return self.norm(x)
 
     # ---- forward -----------------------------------------------------------------------
     def _rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -488,11 +488,9 @@ class Transformer(nn.Module):
         mask = None
         if use_cache and first > 0 and t > 1:
             mask = past_mask(first, t, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, mask)
+        x = self._hidden(input_ids, cos, sin, start_pos, mask)
         if use_cache:
             self.cache_len = first + t
         if num_logits is not None:
             x = x[:, -num_logits:]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(x)
