@@ -27,6 +27,7 @@ import argparse
 import importlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 from draftlm.calibrate import cached_importance, calibration_windows
 from draftlm.gguf_int4 import GROUP, SUPER, Int4Groups, read_int4_groups
 from draftlm.load import gguf_source, load
-from draftlm.registry import gguf_path
 
 FILES = ("textwrap", "heapq", "fractions", "shlex")  # as quant_kl.py
 PARTS = {"qkv": ("self_attn.", ["q_proj", "k_proj", "v_proj"]), "o": ("self_attn.", ["o_proj"]),
@@ -103,9 +103,10 @@ def main() -> None:
         return sum((r.exp() * (r - q)).sum().item()
                    for r, q in zip(reference, log_probs(), strict=True)) / positions
 
-    source = gguf_source(args.model)
+    # As `load` does: a .gguf path is its own source, a registry name its assembled file.
+    source = Path(args.model) if args.model.endswith(".gguf") else gguf_source(args.model)
     stored = read_int4_groups(source, config.n_heads, config.n_kv_heads) if source else {}
-    importance = cached_importance(model, tokenizer, gguf_path(args.model) if source else None)
+    importance = cached_importance(model, tokenizer, source)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     floats = {n: m.weight for n, m in linears.items()}
     grid = {n: (stored[f"{n}.weight"] if f"{n}.weight" in stored
