@@ -19,7 +19,7 @@ import torch
 
 from draftlm.eval.perplexity import score_text
 from draftlm.load import load
-from draftlm.quantize import quantize_model
+from draftlm.quant.layers import quantize_model
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ rounding is measured, not the kernel's 8-bit activations.
   codes where it has them, else the importance-weighted search of `gguf_int4`).
 * `--layers`: one block at a time, then one projection type across all blocks: does the
   error sit in a few layers that a mixed precision could keep in 8 bits, or everywhere?
-* `--gptq N`: GPTQ (Frantar et al. 2022) on N calibration tokens (`draftlm.calibrate`'s
+* `--gptq N`: GPTQ (Frantar et al. 2022) on N calibration tokens (`draftlm.quant.calibrate`'s
   text): block by block on the already-quantized model's activations, each layer's codes
   chosen column by column with the rounding error pushed onto the columns not yet
   quantized through the inverse Hessian of its inputs; the grid (Q4_K super-blocks) fitted
@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from draftlm.calibrate import cached_importance, calibration_windows
-from draftlm.gguf_int4 import GROUP, SUPER, Int4Groups, read_int4_groups
 from draftlm.load import gguf_source, load
+from draftlm.quant.calibrate import cached_importance, calibration_windows
+from draftlm.quant.gguf_int4 import read_int4_groups
+from draftlm.quant.int4 import GROUP, SUPER, Int4Groups
 
 FILES = ("textwrap", "heapq", "fractions", "shlex")  # as quant_kl.py
 PARTS = {"qkv": ("self_attn.", ["q_proj", "k_proj", "v_proj"]), "o": ("self_attn.", ["o_proj"]),

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn as nn
 
-from draftlm import quantize
 from draftlm.config import PRESETS
-from draftlm.quantize import Int4Linear, Int8Linear
+from draftlm.quant import layers as quantize
+from draftlm.quant.layers import Int4Linear, Int8Linear
 
 
 def layers(name: str) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@
 
 Per mode: mean KL(float32 || quantized) per token, greedy top-1 agreement with float32, and
 perplexity, teacher-forced on the first N tokens of a few standard-library files (none of
-them in draftlm's calibration text, `draftlm.calibrate`). Why not only perplexity or
+them in draftlm's calibration text, `draftlm.quant.calibrate`). Why not only perplexity or
 HumanEval: both move by a percent or by a few problems when one near-tied token flips, while
 the KL over ~2000 positions separates quantizers that differ by 10%.
 """

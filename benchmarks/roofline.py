@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from draftlm.generate import generate
 from draftlm.load import load
-from draftlm.quantize import Int4Linear, Int8Linear
+from draftlm.quant.layers import Int4Linear, Int8Linear
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -7,7 +7,7 @@ weights, the same batch and the same step: forward, cross-entropy, backward, Ada
 (betas 0.9/0.95, wd 0.1), in float32 or under bf16 autocast. Steps alternate between the
 two models so that a busy machine slows both alike; the median step time is reported as
 tokens/s and MFU (model FLOPs per token and the peak FLOP/s assumption of
-draftlm.train_metrics, printed with the result).
+draftlm.training.metrics, printed with the result).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from draftlm.config import ModelConfig
 from draftlm.model import Transformer
-from draftlm.train_metrics import default_peak_flops, flops_per_token
+from draftlm.training.metrics import default_peak_flops, flops_per_token
 
 
 def _hf_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_tiny_lm
+from helpers import make_tiny_lm
 
 from draftlm.cli import main
 from draftlm.errors import DraftlmError
+from draftlm.formats.hf import save_hf_folder
 from draftlm.generate import generate
-from draftlm.hf_checkpoint import save_hf_folder
 
 
 @pytest.fixture

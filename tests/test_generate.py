@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_lm
+from helpers import byte_tokenizer, make_tiny_lm
 
 from draftlm.errors import DraftlmError
 from draftlm.generate import OutputTracker, generate

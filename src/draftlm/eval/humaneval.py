@@ -24,23 +24,24 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from rich.progress import Progress
 
 from draftlm.errors import DraftlmError
+from draftlm.eval import eval_subparsers
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
-from draftlm.flags import (
+from draftlm.generate import generate
+from draftlm.load import LM, load
+from draftlm.options import (
     add_confidence_flag,
     add_load_flags,
     check_compile_mode,
-    drafter_from_flags,
 )
-from draftlm.quantize import QUANTIZE_MODES
-
-if TYPE_CHECKING:
-    from draftlm.generate import GenerationResult
-    from draftlm.load import LM
+from draftlm.output import GenerationResult
+from draftlm.quant.layers import QUANTIZE_MODES
+from draftlm.speculative import drafter_from_flags
 
 # Chen et al. 2021 (Codex), plus the markdown fence and decorators small models emit.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nif", "\nprint", "\nassert", "\n```")
@@ -160,7 +161,7 @@ def generate_samples(
     if temperature == 0 and samples > 1:
         raise DraftlmError("greedy decoding gives one answer: use --samples 1 or --temperature > 0")
     if generate_fn is None:
-        from draftlm.generate import generate as generate_fn
+        generate_fn = generate
     done = done or {}
     out = []
     for i, problem in enumerate(problems):
@@ -294,8 +295,6 @@ def run(
 
     Completions are appended to the file as they are made (verdicts come at the end), so
     `resume` continues an interrupted run where it stopped."""
-    from rich.progress import Progress
-
     path = out / f"{name}.jsonl"
     done = {}
     if resume and path.is_file():
@@ -356,8 +355,6 @@ def cmd_humaneval(
     min_confidence: float | None = None,
 ) -> dict[str, Any]:
     """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
-    from draftlm.load import load
-
     speculative = draft is not None or ngram is not None
     if check_draft and not speculative:
         raise DraftlmError("--check-draft needs --draft or --ngram")
@@ -403,8 +400,6 @@ def cmd_humaneval(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `draftlm eval humaneval` (the `eval` group is shared with perplexity)."""
-    from draftlm.eval import eval_subparsers
-
     p = eval_subparsers(subparsers).add_parser(
         "humaneval", help="HumanEval pass@k with sandboxed execution")
     p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")

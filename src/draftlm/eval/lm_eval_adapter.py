@@ -32,7 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import drafter_from_flags
+from draftlm.eval import eval_subparsers
+from draftlm.eval.perplexity import context_prefix
+from draftlm.generate import generate
+from draftlm.load import load
+from draftlm.speculative import drafter_from_flags
 
 MODEL_NAME = "draftlm"
 DEFAULT_MAX_LENGTH = 4096
@@ -53,7 +57,6 @@ def adapter_class() -> type:
     template_lm = _import_lm_eval().TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from draftlm.eval.perplexity import context_prefix
 
     class DraftlmLM(template_lm):
         """Scores with one full causal pass per batch of right-padded sequences: padding
@@ -78,8 +81,6 @@ def adapter_class() -> type:
                 raise DraftlmError("pass exactly one of model=NAME (model_args) or lm=LM")
             device = _resolve_device(device)
             if lm is None:
-                from draftlm.load import load
-
                 lm = load(model, dtype=dtype, device=device)
             self.lm = lm
             self.batch_size = _batch_size(batch_size)
@@ -179,8 +180,6 @@ def adapter_class() -> type:
             return results
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            from draftlm.generate import generate
-
             results = []
             for request in requests:
                 context, gen_kwargs = request.args
@@ -270,8 +269,6 @@ class _PassThroughParser(argparse.ArgumentParser):
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `draftlm eval lm-eval`; every argument after it goes to lm-eval."""
-    from draftlm.eval import eval_subparsers
-
     verbs = eval_subparsers(subparsers)
     default_class = verbs._parser_class
     verbs._parser_class = _PassThroughParser  # this one verb parses nothing itself

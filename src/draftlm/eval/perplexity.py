@@ -24,17 +24,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 
 from draftlm.errors import DraftlmError
-from draftlm.flags import add_load_flags
-
-if TYPE_CHECKING:
-    from draftlm.load import LM
-    from draftlm.model import Transformer
+from draftlm.eval import eval_subparsers
+from draftlm.load import LM, load
+from draftlm.model import Transformer
+from draftlm.options import add_load_flags
 
 
 @dataclass
@@ -121,9 +121,6 @@ def cmd_perplexity(
     quantize: str = "none",
 ) -> dict[str, Any]:
     """`draftlm eval perplexity`: perplexity and bits-per-byte of `model` on `files`."""
-    from rich.progress import track
-
-    from draftlm.load import load
 
     paths = [Path(f) for f in files]
     for path in paths:
@@ -159,8 +156,6 @@ def cmd_perplexity(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `draftlm eval perplexity`."""
-    from draftlm.eval import eval_subparsers
-
     p = eval_subparsers(subparsers).add_parser(
         "perplexity", help="perplexity and bits-per-byte of text files")
     p.add_argument("files", nargs="+", help="UTF-8 text files")
