@@ -18,7 +18,7 @@ rounding is measured, not the kernel's 8-bit activations.
   by the same search, on the updated weights, one super-block at a time. Layers the file
   stores in 4 bits keep their codes, as in draftlm.
 
-Session 11 measured this to decide whether draftlm's int4 needs GPTQ (results/s11/).
+Figures for Qwen2.5-Coder-0.5B: benchmarks/reports/int4-error_epyc-avx2-2c_2026-11-30.md.
 """
 
 from __future__ import annotations
