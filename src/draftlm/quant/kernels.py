@@ -1,14 +1,14 @@
 """draftlm's own CPU kernels for int4 and int8 decoding, built on first use.
 
-PyTorch's int4 CPU kernel wants bfloat16 activations; on CPUs without AVX512-BF16/AMX (this
-project's AVX2 machines) it decodes slower than fbgemm's int8 although it reads half the
-bytes. `csrc/int4_avx2.cpp` does what llama.cpp does for its Q4_K format: int8
-activations, byte dot products (`_mm256_maddubs_epi16`), 8-bit group scales applied in
+PyTorch's int4 CPU kernel wants bfloat16 activations; on CPUs without AVX512-BF16/AMX
+(AVX2 machines) it decodes slower than fbgemm's int8 although it reads half the bytes.
+`csrc/int4_avx2.cpp` does what llama.cpp does for its Q4_K format: int8 activations,
+byte dot products (`_mm256_maddubs_epi16`), 8-bit group scales applied in
 integers and one float conversion per super-block of 256 values, with weight rows
 interleaved in panels of 8 (`pack_int4`) so that one byte product serves 8 rows.
 `csrc/int8_avx2.cpp` is weight-only int8 (float32 activations, 8-bit weights per output
-channel, the same panels of 8: `pack_int8`); it replaced fbgemm for int8 layers, which
-quantizes activations too and costs more per call (the kernel's header has the figures).
+channel, the same panels of 8: `pack_int8`); int8 layers use it in place of fbgemm, which
+quantizes activations too and costs more per call (benchmarks/reports/cpu-kernels_*.md).
 
 They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` the
 first time a quantized layer is made (about a minute, then cached by torch under

@@ -11,16 +11,16 @@ reads one row):
   same in a verify pass of 6 as alone. With the batch-invariant decode attention of
   `model.small_step_attention` this keeps greedy speculative decoding token-for-token equal
   to greedy AR decoding of the quantized model. Why not fbgemm (PyTorch's
-  `quantized::linear_dynamic`), which int8 used until session 10: it quantizes activations
-  too, with one scale for the whole batch, and cost more per call than the weight bytes
-  need (SmolLM2-135M's compiled step: 33 -> 48 tok/s with this kernel).
+  `quantized::linear_dynamic`): it quantizes activations too, with one scale for the whole
+  batch, and costs more per call than the weight bytes need
+  (benchmarks/reports/cpu-kernels_*.md).
   fbgemm remains the kernel where draftlm's cannot be built. There each row is first
   scaled to max |x| = 1 and two constant columns (+1, -1, with zero weights) pin the
   batch's range to [-1, 1], so every row is quantized exactly as it would be alone; weights
   use 7 bits (|q| <= 63) so that the AVX2 pairwise u8 x s8 sums can never saturate int16;
   and activations go in as two rows each, the 8-bit row and its rounding residual scaled up
-  255x, summed after the product: about 16-bit activations (one 8-bit scale per row was two
-  thirds of that path's error: KL from float32 on Qwen2.5-Coder-0.5B 0.0150 -> 0.0053).
+  255x, summed after the product: about 16-bit activations (one 8-bit row alone leaves
+  about three times the KL from float32: benchmarks/reports/quant-kl_*.md).
 * `Int4Linear`: weight-only int4 in groups of 32 along the input, asymmetric, in GGUF
   Q4_K's super-blocks (`quant.int4.Int4Groups`), run by draftlm's AVX2 kernel
   (`quant.kernels`, llama.cpp's Q4_K x Q8_K scheme: int8 activations, byte dot products,

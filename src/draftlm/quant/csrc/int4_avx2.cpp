@@ -13,8 +13,9 @@
 // then gives each row two int16 partial sums. A group's 8 such products add up in int16
 // (|sum| <= 16 * 15 * 127 < 2^15) and meet the group scales in one _mm256_madd_epi16 for
 // all 8 rows. Integer multiplies are what limits this kernel once activations are reused
-// (a verify pass, a prefill: about one 256-bit multiply per cycle here), and this costs
-// 9 of them per 256 products per row instead of 16 with one weight row per vector.
+// (a verify pass, a prefill: about one 256-bit multiply per cycle on a Zen 3 core), and
+// this costs 9 of them per 256 products per row instead of 16 with one weight row per
+// vector.
 // Outputs come out 8 rows wide, with no horizontal sums.
 //
 //   codes  uint8 [P, G, 128]: per panel p and group g, 4 vectors of 32 bytes; byte

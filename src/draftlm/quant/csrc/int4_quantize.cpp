@@ -18,8 +18,8 @@
 // and the codes chosen again against the rounded pair.
 //
 // Plain scalar C++ over 32-value groups (-O3 vectorises some inner loops), rows in parallel
-// (at::parallel_for): ~45 ns per weight on 2 cores, ~20 s for the 440M weights that
-// Qwen2.5-Coder-0.5B's file stores above 4 bits (min-max groups in torch: ~10 s).
+// (at::parallel_for); it runs once per model load. Its speed against min-max groups:
+// benchmarks/reports/cpu-kernels_*.md.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

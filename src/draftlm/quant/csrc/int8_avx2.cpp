@@ -2,25 +2,22 @@
 // and float32 activations, on AVX2 CPUs: weight-only int8.
 //
 // Why a kernel of our own: fbgemm (PyTorch's quantized::linear_dynamic) quantizes the
-// activations too, with one scale for the whole batch, and costs ~110 us a call on a
-// 576-wide layer that holds 0.3-1.8 MB (memory alone: 17-88 us); reached from a compiled
-// decode step through a Python custom op it cost another ~50 us a call, a third of
-// SmolLM2-135M's step (121 linear calls). PyTorch's own weight-only op
-// (_weight_int8pack_mm) is 10-20x slower than fbgemm on this AVX2 machine. Here the
-// activations stay float32 (no activation error at all, and no batch-wide scale), the
-// weights are full 8-bit (|q| <= 127: no int16 pair sums to keep from saturating), and the
-// call is one C++ op on an integer handle.
+// activations too, with one scale for the whole batch, costs far more per call than a
+// small layer's bytes need, and is reached from a compiled decode step only through a
+// Python custom op; PyTorch's own weight-only op (_weight_int8pack_mm) is slower still on
+// AVX2. Here the activations stay float32 (no activation error at all, and no batch-wide
+// scale), the weights are full 8-bit (|q| <= 127: no int16 pair sums to keep from
+// saturating), and the call is one C++ op on an integer handle. Measured figures:
+// benchmarks/reports/cpu-kernels_*.md.
 //
 // Arithmetic: each weight byte is sign-extended and converted to float (8 per vector) and
 // multiplied into float accumulators; each activation row keeps 4 accumulators (k mod 4)
 // to hide the FMA latency, and rows go in blocks of 3 (12 accumulators in registers).
-// A decode step (one row) is memory-bound. Measured, one Qwen2.5-Coder-1.5B block's seven
-// projections streamed over 4 blocks, 2 threads (benchmarks/int4_kernel.py): 1 row 2.65 ms
-// (17.6 GB/s; fbgemm's layer 3.90), 4 rows 4.35 (4.69), 6 rows 5.57 (6.32), 150 rows 115
-// (131). Beyond a few rows the float multiplies bound it (8 products per FMA where
-// fbgemm's byte products do 32); a row block of 3 instead of 2 took 6 rows from 1.45x
-// fbgemm's time to ~1.1x on the widest layers. Converting a panel to floats once for all
-// row blocks was slower (the FMAs, not the conversions, are the limit).
+// A decode step (one row) is memory-bound. Beyond a few rows the float multiplies bound
+// it (8 products per FMA where fbgemm's byte products do 32), which is why rows go in
+// blocks of 3 (more rows share each converted weight vector) and why each row block
+// converts the panel's bytes itself rather than reading a float copy made once (the FMAs,
+// not the conversions, are the limit). Timings per row count: benchmarks/int4_kernel.py.
 //
 // Layout: weight rows in panels of 8, column-interleaved, as the int4 kernel: codes int8
 // [P, K, 8], byte c of position k in panel p is W[8p + c, k]; scale float32 [8P] (zero

@@ -2,8 +2,9 @@
 // op draftlm_cpu::release).
 //
 // Why: torch.compile checks a guard for every tensor a compiled step reads from the model
-// before each call, and five weight tensors per int4 layer made that ~6 ms of a 37 ms
-// decode step of Qwen2.5-Coder-0.5B; an integer attribute costs next to nothing to check.
+// before each call, and with five weight tensors per int4 layer those checks were a large
+// share of a small model's decode step (benchmarks/reports/compiled-step_*.md); an
+// integer attribute costs next to nothing to check.
 // The int4 and int8 kernels both register their layers here; Python frees a handle when
 // its layer is collected (weakref.finalize -> release).
 
