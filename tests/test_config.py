@@ -69,3 +69,41 @@ def test_dict_round_trip() -> None:
 def test_unsupported_hf_model_type() -> None:
     with pytest.raises(DraftlmError, match="gpt_neox"):
         ModelConfig.from_hf({"model_type": "gpt_neox"})
+
+
+# ---- damaged or hostile configs: one line, before anything is built -----------------------
+HF_LLAMA = {"model_type": "llama", "vocab_size": 256, "num_hidden_layers": 2, "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_attention_heads": 0}, "n_heads=0 is outside"),
+    ({"hidden_size": "abc"}, "dim must be an integer"),
+    ({"num_hidden_layers": "2"}, "n_layers must be an integer"),
+    ({"num_hidden_layers": 100_000}, "n_layers=100000 is outside"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be a mapping"),
+    ({"vocab_size": -5}, "vocab_size=-5 is outside"),
+    ({"max_position_embeddings": 10**12}, "max_seq_len=1000000000000 is outside"),
+    ({"rope_theta": "fast"}, "wrong type"),
+    ({"rms_norm_eps": 0}, "norm_eps must be a positive number"),
+    ({"num_key_value_heads": True}, "n_kv_heads must be an integer"),
+    ({"eos_token_id": "x"}, "token ids must be integers"),
+])
+def test_bad_hf_values_are_one_line_errors(change, message) -> None:
+    with pytest.raises(DraftlmError, match=message):
+        ModelConfig.from_hf({**HF_LLAMA, **change})
+
+
+def test_missing_hf_fields_and_non_objects_are_named() -> None:
+    broken = dict(HF_LLAMA)
+    del broken["hidden_size"]
+    with pytest.raises(DraftlmError, match="lacks hidden_size"):
+        ModelConfig.from_hf(broken)
+    with pytest.raises(DraftlmError, match="JSON object"):
+        ModelConfig.from_hf([1, 2])  # type: ignore[arg-type]
+    assert ModelConfig.from_hf(HF_LLAMA).n_layers == 2
+
+
+def test_every_preset_passes_its_own_checks() -> None:
+    for name in PRESETS:
+        assert ModelConfig.from_dict(ModelConfig.from_name(name).to_dict()) == PRESETS[name]

@@ -63,3 +63,19 @@ def test_seeded_generators_repeat() -> None:
 def test_bad_parameters_are_user_errors(kwargs) -> None:
     with pytest.raises(DraftlmError):
         SamplingParams(**{"temperature": 1.0, **kwargs})
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-7, 0.0])
+def test_vanishing_temperatures_are_greedy_and_finite(temperature) -> None:
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    logits = torch.tensor([[1.0, 3.0, 2.9, -5.0]])
+    probs = logits_to_probs(logits, params)
+    assert torch.isfinite(probs).all() and probs.argmax(-1).item() == 1
+    assert next_token(logits, params, torch.Generator().manual_seed(0)).item() == 1
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1e-9])
+def test_temperatures_that_are_not_numbers_are_refused(temperature) -> None:
+    with pytest.raises(DraftlmError, match="temperature must be"):
+        SamplingParams(temperature=temperature)

@@ -24,6 +24,19 @@ class RopeScaling:
     original_max_seq_len: int = 8192
 
 
+# (field, smallest, largest): bounds that no real checkpoint comes near, so that a value
+# past them is a damaged file rather than a model.
+_INT_FIELDS = (
+    ("vocab_size", 1, 1 << 24),
+    ("n_layers", 1, 1024),
+    ("dim", 1, 1 << 16),
+    ("n_heads", 1, 1024),
+    ("n_kv_heads", 1, 1024),
+    ("intermediate_size", 1, 1 << 18),
+    ("max_seq_len", 1, 1 << 24),
+)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only Llama-family transformer."""
@@ -47,6 +60,35 @@ class ModelConfig:
     head_dim_override: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # Checked before anything is built: a damaged or hostile config.json must fail here
+        # in one line, not as a ZeroDivisionError or after allocating 100,000 layers.
+        for name, low, high in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DraftlmError(f"config {self.name!r}: {name} must be an integer, "
+                                   f"got {value!r}")
+            if not low <= value <= high:
+                raise DraftlmError(f"config {self.name!r}: {name}={value} is outside "
+                                   f"[{low}, {high}]")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 < value < float("inf"):
+                raise DraftlmError(f"config {self.name!r}: {name} must be a positive number, "
+                                   f"got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise DraftlmError(f"config {self.name!r}: rope_scaling must be a mapping, got "
+                               f"{self.rope_scaling!r}")
+        if self.head_dim_override is not None and (
+                isinstance(self.head_dim_override, bool)
+                or not isinstance(self.head_dim_override, int)
+                or not 1 <= self.head_dim_override <= 4096):
+            raise DraftlmError(f"config {self.name!r}: head_dim must be an integer in "
+                               f"[1, 4096], got {self.head_dim_override!r}")
+        for token in (*self.eos_ids, *(() if self.bos_id is None else (self.bos_id,))):
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise DraftlmError(f"config {self.name!r}: token ids must be integers >= 0, "
+                                   f"got {token!r}")
         if self.n_heads % self.n_kv_heads:
             raise DraftlmError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
@@ -93,14 +135,28 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
         """Read a HF `config.json` of a LlamaForCausalLM / Qwen2ForCausalLM checkpoint."""
+        if not isinstance(hf, dict):
+            raise DraftlmError("config.json must hold a JSON object")
+        try:
+            return cls._from_hf(hf, name)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise DraftlmError(f"config.json has a value of the wrong type ({err})") from err
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any], name: str) -> ModelConfig:
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "qwen2", "mistral"):
             raise DraftlmError(
                 f"unsupported architecture model_type={model_type!r}: draftlm loads llama, "
                 "mistral and qwen2 checkpoints"
             )
+        missing = [k for k in _HF_REQUIRED if k not in hf]
+        if missing:
+            raise DraftlmError(f"config.json lacks {', '.join(missing)}")
         scaling = None
         rs = hf.get("rope_scaling") or None
+        if rs is not None and not isinstance(rs, dict):
+            raise DraftlmError(f"config.json: rope_scaling must be a mapping, got {rs!r}")
         if rs:
             kind = rs.get("rope_type", rs.get("type", "linear"))
             if kind not in ("linear", "llama3", "default"):
@@ -174,6 +230,10 @@ class ModelConfig:
                     original_max_position_embeddings=rs.original_max_seq_len,
                 )
         return hf
+
+
+_HF_REQUIRED = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                "intermediate_size")
 
 
 def _preset(**kw: Any) -> ModelConfig:

@@ -14,17 +14,26 @@ from torch import Tensor
 from draftlm.errors import DraftlmError
 
 
+# Temperatures below this are greedy: dividing logits by 1e-30 overflows float32 to inf
+# and the softmax to NaN, while any temperature this small already puts all of the mass
+# on the argmax (a logit gap of 1e-3 becomes a factor of e^1000).
+GREEDY_BELOW = 1e-6
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to turn logits into the next token. temperature 0 means greedy."""
+    """How to turn logits into the next token. temperature 0 (or below `GREEDY_BELOW`)
+    means greedy; every caller (generate, speculative decoding, the server) goes through
+    this one check."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise DraftlmError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails too
+            raise DraftlmError(f"temperature must be a finite number >= 0, got "
+                               f"{self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise DraftlmError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -32,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
