@@ -77,7 +77,8 @@ def verify_greedy(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, 
     With a one-hot target distribution a drafted token is kept exactly when it is the
     target's argmax, and the token after the kept prefix is the argmax there, whatever the
     draft's probabilities; this gets there with one argmax instead of building [k + 1, V]
-    one-hot tensors and drawing from them (~8 ms a round at Qwen's 151936 tokens)."""
+    one-hot tensors and drawing from them, which at Qwen's 151936 tokens costs far more
+    than the argmax."""
     choice = target_logits.argmax(-1)
     k = draft_tokens.shape[0]
     num_accepted = (choice[:k] == draft_tokens).long().cumprod(0).sum()
