@@ -167,3 +167,66 @@ def _sandboxed_processes() -> list[int]:
         if int(uid_line.split()[1]) >= 2_000_000_000:
             found.append(int(entry))
     return found
+
+
+def test_host_processes_are_out_of_sight() -> None:
+    """A private /proc: the program sees its own PID namespace, not the host's processes
+    and their command lines (where a server's --api-key would be)."""
+    program = textwrap.dedent("""
+        import os
+        pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+        print(len(pids), os.getpid(), os.path.exists(f'/proc/{PARENT}/cmdline'))
+    """).replace("PARENT", str(os.getpid()))
+    result = run_program(program, LIMITS)
+    assert result.status == PASSED, result.reason
+    count, own_pid, sees_parent = result.stdout.split()
+    assert int(count) <= 3 and int(own_pid) <= 3 and sees_parent == "False"
+    # Control: outside the sandbox the same listing shows this test's own process.
+    outside = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert outside.stdout.split()[2] == "True"
+    still_works()
+
+
+FORK_AND_FILL = textwrap.dedent("""
+    import os, time
+    children = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                data = b'x' * SIZE
+                time.sleep(1.5)
+                os._exit(0)
+            except MemoryError:
+                os._exit(3)
+        children.append(pid)
+    ok = sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in children)
+    print(ok)
+""")
+
+
+@pytest.mark.skipif(probe().memory_cap == "per process", reason="no memory cgroup here")
+def test_memory_limit_holds_for_the_sandbox_as_a_whole() -> None:
+    """Three children touching 250 MB each: all fit under a 2 GB sandbox, not under 600 MB
+    (per process, each would have fitted)."""
+    program = FORK_AND_FILL.replace("SIZE", str(250 * 1024**2))
+    roomy = run_program(program, SandboxLimits(timeout_s=10.0, cpu_s=10))
+    assert roomy.status == PASSED and roomy.stdout.strip() == "3", roomy.reason
+    tight = run_program(program, SandboxLimits(timeout_s=10.0, cpu_s=10,
+                                               memory_bytes=600 * 1024**2))
+    assert int(tight.stdout.strip() or 0) < 3
+    assert not list(Path("/sys/fs/cgroup").rglob("draftlm-sandbox-*"))
+    still_works()
+
+
+def test_without_a_cgroup_the_memory_limit_is_shared_out(monkeypatch) -> None:
+    from draftlm.eval import sandbox
+
+    def no_cgroup(limits):
+        raise OSError("no cgroup")
+
+    monkeypatch.setattr(sandbox, "_Cgroup", no_cgroup)
+    limits = SandboxLimits(memory_bytes=1024**3, max_processes=8, timeout_s=5.0)
+    result = run_program("import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0])",
+                         limits)
+    assert result.status == PASSED and int(result.stdout) == 1024**3 // 8

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -58,8 +59,8 @@ cfg = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = (
     0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
 # Flags a read-only remount must repeat (in a user namespace they are locked).
 KEEP = {"nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x400, "nodiratime": 0x800,
         "relatime": 0x200000, "strictatime": 0x1000000}
@@ -77,6 +78,11 @@ def write(path, text):
         f.write(text)
 
 uid, gid = os.getuid(), os.getgid()
+for procs in cfg["cgroup_procs"]:  # before any fork: every descendant is counted with us
+    try:
+        write(procs, str(os.getpid()))
+    except OSError:
+        fail(f"join cgroup {procs}")
 flags = NEWNET | NEWPID | NEWNS | NEWIPC | NEWUTS
 if cfg["mode"] == "userns":
     flags |= NEWUSER
@@ -122,6 +128,10 @@ os.chown(cfg["workdir"], cfg["uid"], cfg["uid"])
 os.chdir(cfg["workdir"])
 child = os.fork()  # the first process of the new PID namespace
 if child == 0:
+    # A /proc of this PID namespace only: the host's processes (and their command lines,
+    # which may hold secrets) are out of sight. Without it the run fails: never silently.
+    if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        fail("mount a private /proc")
     for name, value in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     if cfg["mode"] == "setuid":
@@ -184,6 +194,98 @@ class Isolation:
     mode: str  # "setuid" (running as root) | "userns" (unprivileged user namespace)
     available: bool
     detail: str
+    # How the memory limit binds the sandbox as a whole: "cgroup v1" / "cgroup v2" (one
+    # limit for every process of a run), or "per process" (no cgroup to use: each process
+    # gets memory_bytes / max_processes of address space, so the total stays bounded).
+    memory_cap: str = "per process"
+
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class _Cgroup:
+    """A memory (and process-count) cgroup for one run, below this process's own cgroup,
+    removed afterwards. `procs` are the files the bootstrap writes its pid to."""
+
+    def __init__(self, limits: SandboxLimits) -> None:
+        self.dirs: list[Path] = []
+        name = f"draftlm-sandbox-{os.getpid()}-{next(_run_counter)}"
+        kind, places = _cgroup_places()
+        self.kind = kind
+        try:
+            for controller, parent in places.items():
+                folder = parent / name
+                folder.mkdir()
+                self.dirs.append(folder)
+                if controller == "memory" and kind == "cgroup v2":
+                    (folder / "memory.max").write_text(str(limits.memory_bytes))
+                    (folder / "memory.swap.max").write_text("0")
+                    (folder / "pids.max").write_text(str(limits.max_processes))
+                elif controller == "memory":
+                    (folder / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+                elif controller == "pids":
+                    (folder / "pids.max").write_text(str(limits.max_processes))
+        except OSError:
+            self.remove()
+            raise
+
+    @property
+    def procs(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs]
+
+    def remove(self) -> None:
+        """Kill whatever is left in the cgroup, then delete it (the kernel frees it once
+        its last process is gone, which takes a moment after SIGKILL)."""
+        for folder in self.dirs:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    for pid in (folder / "cgroup.procs").read_text().split():
+                        _kill(int(pid))
+                    folder.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+        self.dirs = []
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _cgroup_places() -> tuple[str, dict[str, Path]]:
+    """("cgroup v1" | "cgroup v2", controller -> this process's cgroup folder) where a
+    memory cgroup can be made below it; raises OSError where none can."""
+    lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    v1 = {c: _CGROUP_ROOT / c / path.lstrip("/")
+          for hierarchy, controllers, path in lines if hierarchy != "0"
+          for c in controllers.split(",") if c in ("memory", "pids")}
+    if "memory" in v1 and os.access(v1["memory"], os.W_OK):
+        return "cgroup v1", {c: d for c, d in v1.items() if os.access(d, os.W_OK)}
+    for hierarchy, _, path in lines:
+        if hierarchy == "0":
+            own = _CGROUP_ROOT / path.lstrip("/")
+            enabled = (own / "cgroup.subtree_control").read_text().split()
+            if "memory" in enabled and "pids" in enabled and os.access(own, os.W_OK):
+                return "cgroup v2", {"memory": own}
+    raise OSError("no writable memory cgroup")
+
+
+@cache
+def cgroup_kind() -> str:
+    """"cgroup v1" / "cgroup v2" when each run can get a memory cgroup, else "per process"."""
+    try:
+        _Cgroup(SandboxLimits()).remove()
+        return _cgroup_places()[0]
+    except OSError:
+        return "per process"
 
 
 @cache
@@ -195,7 +297,11 @@ def probe() -> Isolation:
     except OSError as err:
         return Isolation(mode, False, str(err))
     ok = result.status == PASSED and result.stdout.strip() == "ok"
-    return Isolation(mode, ok, "" if ok else result.reason)
+    memory_cap = cgroup_kind()
+    if ok and memory_cap == "per process":
+        warnings.warn("no memory cgroup for the sandbox here: each sandboxed process gets "
+                      "memory_bytes / max_processes of address space instead", stacklevel=2)
+    return Isolation(mode, ok, "" if ok else result.reason, memory_cap)
 
 
 def run_program(program: str, limits: SandboxLimits | None = None) -> SandboxResult:
@@ -247,10 +353,26 @@ def _run(mode: str, program: str, limits: SandboxLimits) -> SandboxResult:
 
 
 def _run_in(workdir: Path, mode: str, program: str, limits: SandboxLimits) -> SandboxResult:
-    program_path = workdir / "program.py"
-    program_path.write_text(program, encoding="utf-8")
+    (workdir / "program.py").write_text(program, encoding="utf-8")
     uid = _sandbox_uid() if mode == "setuid" else os.getuid()
     cpu_s = max(1, int(limits.cpu_s))
+    try:
+        cgroup: _Cgroup | None = _Cgroup(limits)
+    except OSError:
+        cgroup = None
+    # Without a cgroup the address-space limit is per process: share it out so that all
+    # the processes a run may start cannot together take more than memory_bytes.
+    memory = limits.memory_bytes if cgroup else limits.memory_bytes // limits.max_processes
+    try:
+        return _run_limited(workdir, mode, program, limits, uid, cpu_s, memory, cgroup)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+
+
+def _run_limited(workdir: Path, mode: str, program: str, limits: SandboxLimits, uid: int,
+                 cpu_s: int, memory: int, cgroup: _Cgroup | None) -> SandboxResult:
+    program_path = workdir / "program.py"
     python = _sandbox_python()
     config = {
         "mode": mode,
@@ -264,10 +386,11 @@ def _run_in(workdir: Path, mode: str, program: str, limits: SandboxLimits) -> Sa
         "tmpfs": ["/tmp", "/var/tmp", "/dev/shm"]
         + ([os.path.expanduser("~")] if mode == "userns" else []),
         "tmpfs_bytes": limits.tmpfs_bytes,
+        "cgroup_procs": cgroup.procs if cgroup is not None else [],
         "env": {"PATH": "/usr/bin:/bin", "HOME": _WORKDIR, "LANG": "C.UTF-8",
                 "PYTHONDONTWRITEBYTECODE": "1"},
         "rlimits": {
-            "RLIMIT_AS": limits.memory_bytes,
+            "RLIMIT_AS": memory,
             "RLIMIT_CPU": cpu_s,
             "RLIMIT_FSIZE": limits.file_size_bytes,
             "RLIMIT_NOFILE": limits.max_open_files,
