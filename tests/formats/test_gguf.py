@@ -344,3 +344,20 @@ def test_real_logits_match_hf(real_pair) -> None:
         ours, theirs = model.eval()(ids), hf_model(ids).logits
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert (ours - theirs).abs().max().item() < MAX_ABS_LOGIT_DIFF
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"llama.attention.head_count": 0}, "head_count=0"),
+    ({"llama.context_length": 4_000_000_000}, "max_seq_len=4000000000 is outside"),
+    ({"llama.block_count": "many"}, "wrong type"),
+])
+def test_damaged_metadata_is_a_one_line_error(change, message) -> None:
+    from draftlm.formats.gguf import config_from_metadata
+
+    meta = {"general.architecture": "llama", "llama.attention.head_count": 4,
+            "llama.embedding_length": 64, "llama.block_count": 2,
+            "llama.feed_forward_length": 128, "llama.context_length": 256}
+    shapes = {"token_embd.weight": (256, 64)}
+    assert config_from_metadata(meta, shapes).n_heads == 4
+    with pytest.raises(DraftlmError, match=message):
+        config_from_metadata({**meta, **change}, shapes)

@@ -443,3 +443,50 @@ def test_save_rejects_tensors_that_do_not_fit_the_config(tmp_path):
     with pytest.raises(DraftlmError, match="has shape"):
         save_hf_folder(tmp_path / "b", LLAMA.with_(intermediate_size=96), state, None)
     assert not any(tmp_path.iterdir())
+
+
+# ---- damaged files: one line naming the file, never a traceback or a huge allocation ------
+def _tiny_folder(tmp_path: Path) -> Path:
+    from helpers import make_tiny_lm
+
+    lm = make_tiny_lm()
+    folder = tmp_path / "tiny"
+    save_hf_folder(folder, lm.config, lm.model, lm.tokenizer)
+    return folder
+
+
+def _header(length: int, body: bytes) -> bytes:
+    return length.to_bytes(8, "little") + body
+
+
+@pytest.mark.parametrize("damage", [
+    "empty", "truncated", "garbage header", "header length 2^62", "offsets out of bounds",
+])
+def test_damaged_safetensors_are_one_line_errors(tmp_path, damage) -> None:
+    folder = _tiny_folder(tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage header":
+        weights.write_bytes(_header(64, b"\xff" * 64) + data[8 + length:])
+    elif damage == "header length 2^62":
+        weights.write_bytes(_header(1 << 62, data[8:]))
+    else:
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [0, 1 << 40]
+        body = json.dumps(header).encode()
+        weights.write_bytes(_header(len(body), body) + data[8 + length:])
+    with pytest.raises(DraftlmError, match="model.safetensors"):
+        read_hf_folder(folder)
+
+
+def test_config_that_is_not_utf8_is_named(tmp_path) -> None:
+    folder = _tiny_folder(tmp_path)
+    (folder / "config.json").write_bytes(b'{"model_type": "llama\xff\xfe"}')
+    with pytest.raises(DraftlmError, match="not UTF-8"):
+        read_hf_folder(folder)

@@ -143,6 +143,14 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> RopeScaling | None:
 def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                          name: str = "custom") -> ModelConfig:
     """ModelConfig from `<arch>.*` keys; vocab size, tying and biases from the tensors."""
+    try:
+        return _config_from_metadata(meta, tensor_shapes, name)
+    except (TypeError, ValueError) as err:
+        raise DraftlmError(f"GGUF metadata has a value of the wrong type ({err})") from err
+
+
+def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                          name: str) -> ModelConfig:
     arch = _require(meta, "general.architecture")
     if arch not in ARCHITECTURES:
         raise DraftlmError(
@@ -153,6 +161,9 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
                            "3.1 style), which draftlm does not read")
     n_heads = int(_require(meta, f"{arch}.attention.head_count"))
     dim = int(_require(meta, f"{arch}.embedding_length"))
+    if n_heads < 1 or dim < 1:
+        raise DraftlmError(f"GGUF {arch}.attention.head_count={n_heads} and "
+                           f"{arch}.embedding_length={dim} must both be >= 1")
     head_dim = int(meta.get(f"{arch}.attention.key_length", dim // n_heads))
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:

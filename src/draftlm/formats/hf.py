@@ -12,17 +12,18 @@ leaves a folder that looks loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
@@ -60,7 +61,9 @@ class HFCheckpoint:
 # ---- reading ----------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DraftlmError(f"{path} is not UTF-8 text: {err}") from err
     except json.JSONDecodeError as err:
         raise DraftlmError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
@@ -124,7 +127,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
             files[shard] = path
         return {name: files[shard] for name, shard in weight_map.items()}
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     if any(folder.glob("pytorch_model*.bin")):
         raise DraftlmError(
@@ -133,6 +136,19 @@ def _weight_files(folder: Path) -> dict[str, Path]:
             ".save_pretrained(new_folder, safe_serialization=True)"
         )
     raise DraftlmError(f"{folder} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open`, with a damaged file (empty, truncated, a garbage or oversized header,
+    offsets out of bounds) reported in one line that names it. safetensors checks the
+    header's size and offsets before mapping anything, so no huge allocation happens."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DraftlmError(f"{path} is not a readable safetensors file ({err})") from err
+    with handle as f:
+        yield f
 
 
 def _draftlm_name(hf_name: str) -> str:
@@ -178,12 +194,16 @@ def read_hf_tensors(
         )
     tensors: dict[str, Tensor] = {}
     for path, names in wanted.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             present = set(f.keys())
             for hf_name, name in names:
                 if hf_name not in present:
                     raise DraftlmError(f"tensor {hf_name!r} is missing from {path.name}")
-                tensor = f.get_tensor(hf_name)
+                try:
+                    tensor = f.get_tensor(hf_name)
+                except (SafetensorError, RuntimeError, ValueError) as err:
+                    raise DraftlmError(f"tensor {hf_name!r} in {path} cannot be read ({err}); "
+                                       "the file is damaged") from err
                 if tensor.shape != expected[name]:
                     raise DraftlmError(
                         f"tensor {hf_name!r} in {path.name} has shape {tuple(tensor.shape)}, "
