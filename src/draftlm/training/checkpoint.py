@@ -10,6 +10,9 @@ into place, and `state.json` is written last; a process killed at any point ther
 leaves either no `step-*` folder or a complete one, and a file damaged later is caught by
 its checksum. Full state dicts are gathered through `torch.distributed.checkpoint`'s
 state-dict helpers, which handle plain, DDP and FSDP2 models alike.
+
+`initial_model` is the model a run starts from: a fresh preset, a training checkpoint's
+weights, or any model `draftlm.load` reads.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from torch.distributed.checkpoint.state_dict import (
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
 from draftlm.formats.hf import save_hf_folder
+from draftlm.load import load
+from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
+from draftlm.training.config import TrainConfig
 from draftlm.training.distributed import barrier
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
@@ -220,3 +226,30 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path,
         tokenizer_folder = Path(data[0]["path"]) / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder)
     return save_hf_folder(output, config, load_model_tensors(folder), tokenizer)
+
+
+def initial_model(cfg: TrainConfig, data_tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer]:
+    """The model to start from: `init` (finetune) or a fresh preset (pretrain)."""
+    if cfg.init is None:
+        config = ModelConfig.from_name(cfg.model).with_(
+            bos_id=data_tokenizer.bos_id, eos_ids=data_tokenizer.eos_ids, **cfg.model_overrides)
+        model = Transformer(config)
+        model.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+        return model, data_tokenizer
+    init = Path(cfg.init).expanduser()
+    if (init / "state.json").is_file() and (init / "model.safetensors").is_file():
+        state = read_checkpoint_state(init)
+        config = ModelConfig.from_dict(state["identity"]["model_config"])
+        model = Transformer(config)
+        tensors = load_model_tensors(init)
+        if config.tie_embeddings:
+            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        model.load_state_dict(tensors)
+        return model, data_tokenizer
+
+    lm = load(cfg.init, dtype="float32", device="cpu")
+    # The same ids for the same tokens; post-processors (BOS added on export) may differ.
+    if lm.tokenizer.backend.get_vocab() != data_tokenizer.backend.get_vocab():
+        raise DraftlmError(f"the data was prepared with another tokenizer than {cfg.init}'s; "
+                           f"run `draftlm prepare --tokenizer {cfg.init}`")
+    return lm.model.requires_grad_(True), lm.tokenizer

@@ -5,6 +5,8 @@ rendezvous endpoint); this module only reads them. NCCL on GPUs, gloo on CPU so 
 multi-process path runs (and is tested) on a laptop. The model is wrapped the torchtitan
 way, as small functions applied to a plain `Transformer`: activation checkpointing and
 `compile` per block, then DDP or FSDP2 (`fully_shard` on every block, then the root).
+Mixed precision is autocast around the forward pass (`maybe_autocast`), bf16 where the
+hardware has it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from draftlm.errors import DraftlmError
+from draftlm.load import cpu_has_fast_bf16
 from draftlm.model import Transformer
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -137,3 +140,24 @@ def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
     if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
         module.set_requires_gradient_sync(sync)
     yield
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype `precision` (auto | bf16 | fp32) autocasts to on `device`; None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise DraftlmError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def maybe_autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

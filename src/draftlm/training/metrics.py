@@ -1,5 +1,5 @@
 """What a training run reports: metrics JSONL (+ TensorBoard when installed), throughput
-and MFU, and the loss-curve PNG at the end.
+and MFU, a progress bar while a terminal watches, and the loss-curve PNG at the end.
 
 MFU follows the PaLM paper's appendix B: model FLOPs per token = 6 * (parameters that
 take part in matmuls, i.e. all but the input embedding) + 12 * layers * dim * seq_len
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
 
 from draftlm.config import ModelConfig
 
@@ -124,3 +127,41 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+class ProgressBar:
+    """Steps done, loss and tokens/s on stderr while a terminal watches (rank 0)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.progress = None
+        if enabled and sys.stderr.isatty():
+            self.progress = Progress()
+            self.task = self.progress.add_task("train", total=total, completed=start)
+            self.progress.start()
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            text = f"loss {record['loss']:.3f}  {record['tokens_per_second']:,.0f} tok/s"
+            self.progress.update(self.task, completed=record["step"], description=text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class ThroughputWindow:
+    """Tokens trained since the last log over the time they took; evaluating and saving
+    restart the clock, as they are not training."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / (time.perf_counter() - self.start)

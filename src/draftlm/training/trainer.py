@@ -13,47 +13,44 @@ so `--resume` continues exactly rather than by replaying.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 
 from draftlm.config import ModelConfig
 from draftlm.data.loader import PackedTokens, TokenLoader, check_same_tokenizer, val_batches
 from draftlm.errors import DraftlmError
 from draftlm.formats.hf import save_hf_folder
-from draftlm.load import cpu_has_fast_bf16, load
-from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
 from draftlm.training.checkpoint import (
     export_checkpoint,
+    initial_model,
     list_checkpoints,
     load_checkpoint,
-    load_model_tensors,
     model_state,
-    read_checkpoint_state,
     save_checkpoint,
 )
 from draftlm.training.config import TrainConfig, resolve_config
 from draftlm.training.distributed import (
     DistInfo,
     all_reduce_mean,
+    autocast_dtype,
     gradient_sync,
     init_distributed,
+    maybe_autocast,
     parallelize,
     shutdown,
 )
 from draftlm.training.metrics import (
     MetricsLogger,
+    ProgressBar,
+    ThroughputWindow,
     default_peak_flops,
     flops_per_token,
     plot_loss_curve,
@@ -77,46 +74,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise DraftlmError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
-def _initial_model(cfg: TrainConfig, data_tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer]:
-    """The model to start from: `init` (finetune) or a fresh preset (pretrain)."""
-    if cfg.init is None:
-        config = ModelConfig.from_name(cfg.model).with_(
-            bos_id=data_tokenizer.bos_id, eos_ids=data_tokenizer.eos_ids, **cfg.model_overrides)
-        model = Transformer(config)
-        model.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
-        return model, data_tokenizer
-    init = Path(cfg.init).expanduser()
-    if (init / "state.json").is_file() and (init / "model.safetensors").is_file():
-        state = read_checkpoint_state(init)
-        config = ModelConfig.from_dict(state["identity"]["model_config"])
-        model = Transformer(config)
-        tensors = load_model_tensors(init)
-        if config.tie_embeddings:
-            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-        model.load_state_dict(tensors)
-        return model, data_tokenizer
-
-    lm = load(cfg.init, dtype="float32", device="cpu")
-    # The same ids for the same tokens; post-processors (BOS added on export) may differ.
-    if lm.tokenizer.backend.get_vocab() != data_tokenizer.backend.get_vocab():
-        raise DraftlmError(f"the data was prepared with another tokenizer than {cfg.init}'s; "
-                           f"run `draftlm prepare --tokenizer {cfg.init}`")
-    return lm.model.requires_grad_(True), lm.tokenizer
-
-
 def train(
     cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -127,137 +84,198 @@ def train(
     if cfg.cpu_threads and info.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)  # the process is the trainer's: set it once
     try:
-        return _train(cfg, info, resume, stop_at, progress)
+        trainer = Trainer(cfg, info, resume)
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        return trainer.train(end, progress)
     finally:
         shutdown()
 
 
-def _train(
-    cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None, progress: bool
-) -> dict[str, Any]:
+class Trainer:
+    """One run of a recipe in this process, as torchtitan's: `__init__` builds the data,
+    model, optimizer and logger (resuming the step, data position and RNG from the last
+    checkpoint), `train_step` is one optimizer step, and `train` is the loop that logs,
+    evaluates and saves between steps."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, resume: bool) -> None:
+        self.cfg, self.info = cfg, info
+        self.grad_accum = grad_accum_steps(cfg, info)
+        self.out = Path(cfg.out_dir).expanduser()
+        self.loader, self.val_data = build_data(cfg, info)
+        data_tokenizer = Tokenizer.from_folder(Path(cfg.data[0]["path"]) / "tokenizer")
+        self.model, self.tokenizer = initial_model(cfg, data_tokenizer)
+        self.config = self.model.config
+        check_fits(cfg, self.loader, self.config)
+        self.model.train().to(info.device)
+        self.wrapped = parallelize(self.model, info, cfg.strategy, cfg.activation_checkpointing,
+                                   cfg.compile)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.identity = cfg.identity(self.config)
+        self.step = self._restore(resume)
+        self.autocast = autocast_dtype(cfg.precision, info.device)
+        self.logger = MetricsLogger(self.out, cfg.tensorboard, self.step or None) \
+            if info.is_main else None
+        self.peak_flops = cfg.peak_flops or default_peak_flops(info.device)
+        self.flops_per_token = flops_per_token(self.config, cfg.seq_len)
+
+    def _restore(self, resume: bool) -> int:
+        """The step to start from: the last checkpoint's when resuming, else 0."""
+        checkpoints = list_checkpoints(self.out / "checkpoints")
+        if checkpoints and not resume:
+            raise DraftlmError(f"{self.out} already holds checkpoints: pass --resume to "
+                               "continue, or choose a new out_dir")
+        if not checkpoints:
+            return 0
+        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer,
+                                self.config.tie_embeddings, self.identity)
+        self.loader.load_state_dict(state["loader"])
+        return int(state["step"])
+
+    def train(self, end: int, progress: bool) -> dict[str, Any]:
+        """Train up to step `end`; returns the last logged and evaluated figures."""
+        cfg = self.cfg
+        if self.step == 0:
+            self.log_start()
+            if cfg.eval_interval:  # the starting point: "before" for a fine-tune
+                self.validate()
+        bar = ProgressBar(progress and self.info.is_main, cfg.max_steps, self.step)
+        window = ThroughputWindow()
+        summary: dict[str, Any] = {}
+        while self.step < end:
+            lr, loss_sum, grad_norm = self.train_step()
+            window.tokens += cfg.global_batch_tokens
+            last = self.step == end
+            if self.step % cfg.log_interval == 0 or last:
+                record = self.log_step(lr, loss_sum, grad_norm, window)
+                summary.update(record)
+                bar.update(record)
+                window.restart()
+            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
+                summary.update(self.validate())
+                window.restart_clock()  # evaluation is not training throughput
+            if cfg.save_interval and (self.step % cfg.save_interval == 0 or last):
+                self.save()
+                window.restart_clock()
+        bar.close()
+        return self.finish(summary)
+
+    def train_step(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches: (lr, summed micro-batch
+        losses, gradient norm), the last two left on the device."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.info.device)
+        for micro in range(self.grad_accum):
+            batch = self.loader.next_batch().to(self.info.device, non_blocking=True)
+            with gradient_sync(self.wrapped, micro == self.grad_accum - 1):
+                with maybe_autocast(self.info.device, self.autocast):
+                    logits = self.wrapped(batch[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, loss_sum, grad_norm
+
+    def log_start(self) -> None:
+        """The run's settings, first in a fresh run's metrics (rank 0)."""
+        if self.logger is None:
+            return
+        self.logger.log({
+            "event": "start", "model_config": self.config.to_dict(), "train": asdict(self.cfg),
+            "parameters": self.model.num_parameters(), "world_size": self.info.world_size,
+            "grad_accum": self.grad_accum, "peak_flops_per_device": self.peak_flops,
+            "flops_per_token": self.flops_per_token,
+            "autocast": str(self.autocast) if self.autocast else "fp32",
+        })
+
+    def log_step(
+        self, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor,
+        window: ThroughputWindow,
+    ) -> dict[str, Any]:
+        """The step's loss, lr, gradient norm, tokens/s and MFU, logged (rank 0)."""
+        loss = all_reduce_mean(loss_sum / self.grad_accum).item()  # the one host sync
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        tokens_per_s = window.tokens_per_second()  # after the sync: the steps are done
+        mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size) \
+            if self.peak_flops else None
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens": self.step * self.cfg.global_batch_tokens,
+                  "tokens_per_second": tokens_per_s, "mfu": mfu}
+        if self.logger is not None:
+            self.logger.log(record)
+        return record
+
+    def validate(self) -> dict[str, Any]:
+        """Validation loss and perplexity at this step, logged (rank 0); {} with no
+        validation data."""
+        val = evaluate(self.wrapped, self.val_data, self.cfg, self.info, self.autocast)
+        if val is None:
+            return {}
+        record = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        if self.logger is not None:
+            self.logger.log(record)
+        return record
+
+    def save(self) -> None:
+        """A checkpoint of this step: model, optimizer, data position and the recipe."""
+        save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
+                        {"identity": self.identity, "loader": self.loader.state_dict(),
+                         "train": asdict(self.cfg)},
+                        self.config.tie_embeddings, self.info.is_main, self.cfg.keep_last)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Export the model once the schedule is complete, and draw the loss curve."""
+        if self.cfg.export and self.step == self.cfg.max_steps:
+            tensors = model_state(self.model, tied=False)  # every rank: FSDP gathers
+            if self.info.is_main:
+                save_hf_folder(self.out / "final", self.config, tensors, self.tokenizer)
+                summary["export"] = str(self.out / "final")
+        if self.logger is not None:
+            self.logger.close()
+            png = plot_loss_curve(self.logger.path, self.out / "loss.png")
+            summary["loss_curve"] = str(png) if png else None
+        return summary
+
+
+# ---- setup --------------------------------------------------------------------------------
+def grad_accum_steps(cfg: TrainConfig, info: DistInfo) -> int:
+    """Micro-steps per optimizer step, so that all ranks together see `global_batch_tokens`."""
     if not cfg.data:
         raise DraftlmError("the recipe names no data: set `data: [{path: PREPARED_FOLDER}]`")
     per_step = cfg.seq_len * cfg.micro_batch_size * info.world_size
     if cfg.global_batch_tokens % per_step:
         raise DraftlmError(f"global_batch_tokens={cfg.global_batch_tokens} is not a multiple "
                            f"of seq_len x micro_batch_size x ranks = {per_step}")
-    accum = cfg.global_batch_tokens // per_step
-    out = Path(cfg.out_dir).expanduser()
+    return cfg.global_batch_tokens // per_step
+
+
+def build_data(cfg: TrainConfig, info: DistInfo) -> tuple[TokenLoader, list[PackedTokens]]:
+    """This rank's training loader and the validation splits, all of one tokenizer."""
     datasets = [(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     loader = TokenLoader(datasets, cfg.seq_len, cfg.micro_batch_size, cfg.seed, info.rank,
                          info.world_size)
-    data_tokenizer = Tokenizer.from_folder(Path(datasets[0][0]) / "tokenizer")
-    model, tokenizer = _initial_model(cfg, data_tokenizer)
-    config = model.config
+    val_folders = cfg.val_data if cfg.val_data is not None else [p for p, _ in datasets]
+    val_data = [PackedTokens(p, "val") for p in val_folders]
+    check_same_tokenizer([*loader.data, *val_data])
+    return loader, val_data
+
+
+def check_fits(cfg: TrainConfig, loader: TokenLoader, config: ModelConfig) -> None:
+    """The data's token ids and the recipe's windows fit the model."""
     if loader.data[0].vocab_size > config.vocab_size:
         raise DraftlmError(f"the data's vocabulary ({loader.data[0].vocab_size}) exceeds the "
                            f"model's ({config.vocab_size}); set model_overrides.vocab_size")
     if cfg.seq_len > config.max_seq_len:
         raise DraftlmError(f"seq_len {cfg.seq_len} exceeds the model's context "
                            f"{config.max_seq_len}")
-    model.train().to(info.device)
-    wrapped = parallelize(model, info, cfg.strategy, cfg.activation_checkpointing, cfg.compile)
-    optimizer = build_optimizer(model, cfg)
-    identity = cfg.identity(config)
-    step = 0
-    checkpoints = list_checkpoints(out / "checkpoints")
-    if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, config.tie_embeddings,
-                                identity)
-        step = int(state["step"])
-        loader.load_state_dict(state["loader"])
-    elif checkpoints and not resume:
-        raise DraftlmError(f"{out} already holds checkpoints: pass --resume to continue, or "
-                           "choose a new out_dir")
-    autocast = _autocast_dtype(cfg.precision, info.device)
-    val_folders = cfg.val_data if cfg.val_data is not None else [p for p, _ in datasets]
-    val_data = [PackedTokens(p, "val") for p in val_folders]
-    check_same_tokenizer([*loader.data, *val_data])
-    logger = MetricsLogger(out, cfg.tensorboard, step if step else None) \
-        if info.is_main else None
-    peak = cfg.peak_flops or default_peak_flops(info.device)
-    model_flops = flops_per_token(config, cfg.seq_len)
-    if logger is not None and step == 0:
-        logger.log({"event": "start", "model_config": config.to_dict(), "train": asdict(cfg),
-                    "parameters": model.num_parameters(), "world_size": info.world_size,
-                    "grad_accum": accum, "peak_flops_per_device": peak,
-                    "flops_per_token": model_flops,
-                    "autocast": str(autocast) if autocast else "fp32"})
-    if cfg.eval_interval and step == 0:  # the starting point: "before" for a fine-tune
-        val = evaluate(wrapped, val_data, cfg, info, autocast)
-        if val is not None and logger is not None:
-            logger.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-    bar = _ProgressBar(progress and info.is_main, cfg.max_steps, step)
-    summary: dict[str, Any] = {}
-    window_start, window_tokens = time.perf_counter(), 0
-    end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
-    while step < end:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(accum):
-            batch = loader.next_batch().to(info.device, non_blocking=True)
-            with gradient_sync(wrapped, micro == accum - 1):
-                with _autocast(info.device, autocast):
-                    logits = wrapped(batch[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += cfg.global_batch_tokens
-        last = step == end
-        if step % cfg.log_interval == 0 or last:
-            loss_value = all_reduce_mean(loss_sum / accum).item()  # the one host sync
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": step * cfg.global_batch_tokens,
-                      "tokens_per_second": tokens_per_s,
-                      "mfu": tokens_per_s * model_flops / (peak * info.world_size)
-                      if peak else None}
-            summary.update(record)
-            if logger is not None:
-                logger.log(record)
-            bar.update(step, f"loss {loss_value:.3f}  {tokens_per_s:,.0f} tok/s")
-            window_start, window_tokens = time.perf_counter(), 0
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            val = evaluate(wrapped, val_data, cfg, info, autocast)
-            if val is not None:
-                summary.update(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)))
-                if logger is not None:
-                    logger.log({"step": step, "val_loss": val, "val_ppl": summary["val_ppl"]})
-            window_start = time.perf_counter()  # evaluation is not training throughput
-        if cfg.save_interval and (step % cfg.save_interval == 0 or last):
-            save_checkpoint(out / "checkpoints", step, model, optimizer,
-                            {"identity": identity, "loader": loader.state_dict(),
-                             "train": asdict(cfg)},
-                            config.tie_embeddings, info.is_main, cfg.keep_last)
-            window_start = time.perf_counter()
-    bar.close()
-    if cfg.export and step == cfg.max_steps:
-        tensors = model_state(model, tied=False)
-        if info.is_main:
-            save_hf_folder(out / "final", config, tensors, tokenizer)
-            summary["export"] = str(out / "final")
-    if logger is not None:
-        logger.close()
-        png = plot_loss_curve(logger.path, out / "loss.png")
-        summary["loss_curve"] = str(png) if png else None
-    return summary
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
+# ---- evaluation ---------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, val_data: list[PackedTokens], cfg: TrainConfig, info: DistInfo,
@@ -272,7 +290,7 @@ def evaluate(
         for batch in val_batches(data, cfg.seq_len, cfg.micro_batch_size, cfg.eval_sequences,
                                  info.rank, info.world_size):
             batch = batch.to(info.device)
-            with _autocast(info.device, autocast):
+            with maybe_autocast(info.device, autocast):
                 logits = model(batch[:, :-1])
             total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             count += 1
@@ -280,25 +298,6 @@ def evaluate(
     if count == 0:
         return None
     return all_reduce_mean(total / count).item()
-
-
-class _ProgressBar:
-    """Steps done, loss and tokens/s on stderr while a terminal watches (rank 0)."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.progress = None
-        if enabled and sys.stderr.isatty():
-            self.progress = Progress()
-            self.task = self.progress.add_task("train", total=total, completed=start)
-            self.progress.start()
-
-    def update(self, step: int, text: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, description=text)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 # ---- CLI --------------------------------------------------------------------------------
