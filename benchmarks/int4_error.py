@@ -160,7 +160,7 @@ def gptq_model(model: nn.Module, windows: list[torch.Tensor],
             values[name] = rows.clone()
             model.get_submodule(name).weight = nn.Parameter(values[name], requires_grad=False)
 
-    cos, sin = model._rope_tables(torch.device("cpu"))
+    cos, sin = model.rope_tables(torch.device("cpu"))
     hidden = [model.embed_tokens(w) for w in windows]
     hessians: dict[str, torch.Tensor] = {}  # this block's X^T X per input
     try:

@@ -42,7 +42,7 @@ def main() -> None:
     for static in (False, True):
         torch._dynamo.reset()
         start = time.perf_counter()
-        lm.model.compile_decode_step(static_shapes=static)
+        lm.compile(static_shapes=static)
         compile_s = time.perf_counter() - start
         rates, diffs = [], []
         for prompt, reference in zip(prompts, eager, strict=True):

@@ -72,7 +72,7 @@ def generate(
     budget = check_context(len(prompt_ids), max_new_tokens, context)
     eos_ids = tuple(dict.fromkeys((*lm.config.eos_ids, *lm.tokenizer.eos_ids)))
     tracker = OutputTracker(lm.tokenizer, prompt_ids, budget, eos_ids, stop, on_text)
-    device = lm.model.embed_tokens.weight.device
+    device = lm.device
     generator = make_generator(seed, device)
 
     if drafter is not None:
@@ -81,29 +81,30 @@ def generate(
             cache_len=len(prompt_ids) + budget,
         )
 
-    model = lm.model
+    decoder = lm.decoder
     start = time.perf_counter()
-    model.setup_cache(1, min(context, len(prompt_ids) + budget))
+    decoder.setup_cache(1, min(context, len(prompt_ids) + budget))
     ids = torch.tensor([prompt_ids], device=device)
     # The prompt minus its last token in one pass, then the last token as a decode step:
     # exactly the calls speculative decoding makes, so that both fill the KV cache with the
     # same values (bit for bit with batch-invariant quantized layers) and greedy outputs
     # stay equal. The extra step costs one token of decoding.
     if len(prompt_ids) > 1:
-        model(ids[:, :-1], start_pos=0, num_logits=1)
-    logits = model(ids[:, -1:], start_pos=len(prompt_ids) - 1)[:, -1]
+        decoder(ids[:, :-1], start_pos=0, num_logits=1)
+    logits = decoder(ids[:, -1:], start_pos=len(prompt_ids) - 1)[:, -1]
     token = next_token(logits, params, generator)
     prefill_s = time.perf_counter() - start
-    pos = len(prompt_ids)
+    start_pos = len(prompt_ids)
     while not tracker.add([int(token)]):  # .item(): the EOS check needs the host anyway
-        logits = model(token.view(1, 1), start_pos=pos)[:, -1]
+        logits = decoder(token.view(1, 1), start_pos=start_pos)[:, -1]
         token = next_token(logits, params, generator)
-        pos += 1
+        start_pos += 1
     elapsed = time.perf_counter() - start
     decode_s = elapsed - prefill_s
-    stats: dict[str, Any] = {"target_forwards": pos - len(prompt_ids) + 1}
-    if decode_s > 0 and pos > len(prompt_ids):
-        stats["decode_tokens_per_second"] = round((pos - len(prompt_ids)) / decode_s, 3)
+    num_steps = start_pos - len(prompt_ids)
+    stats: dict[str, Any] = {"target_forwards": num_steps + 1}
+    if decode_s > 0 and num_steps > 0:
+        stats["decode_tokens_per_second"] = round(num_steps / decode_s, 3)
     return GenerationResult(
         tracker.text, tracker.token_ids, len(prompt_ids), tracker.finish_reason or "length",
         elapsed, prefill_s, stats,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from draftlm.compile import CompiledDecoder
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
 from draftlm.formats.gguf import read_gguf
@@ -32,13 +33,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LM:
-    """A loaded language model: `model(input_ids) -> logits [B, T, V]` and its tokenizer."""
+    """A loaded language model: `model(input_ids) -> logits [B, T, V]` and its tokenizer.
+
+    `decoder` makes the cached passes of decoding loops (`decoder(ids, start_pos=...)`,
+    `decoder.setup_cache`, `decoder.rollback`): the model itself, or after `compile()` a
+    `CompiledDecoder` around it."""
 
     model: Transformer
     tokenizer: Tokenizer
     config: ModelConfig
     name: str
     load_s: float = 0.0
+    decoder: Transformer | CompiledDecoder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = self.model
+
+    def compile(self, static_shapes: bool | None = None) -> None:
+        """Compile the model's one-token cached step (`compile.CompiledDecoder`)."""
+        self.decoder = CompiledDecoder(self.model, static_shapes)
 
     @property
     def quantization(self) -> str:
@@ -149,7 +162,7 @@ def load(
     cached per model); int4-mixed keeps the output head and what the file stores above 4
     bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
-    (`Transformer.compile_decode_step`)."""
+    (`compile.CompiledDecoder`)."""
     if quantize not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
 
@@ -188,7 +201,8 @@ def load(
         def importance() -> dict:
             return cached_importance(model, tokenizer, path)
     quantize_model(model, quantize, int4_groups, importance)
+    lm = LM(model, tokenizer, config, config.name if config.name != "custom" else name)
     if compile_step:
-        model.compile_decode_step()
-    return LM(model, tokenizer, config, config.name if config.name != "custom" else name,
-              time.perf_counter() - start)
+        lm.compile()
+    lm.load_s = time.perf_counter() - start
+    return lm

@@ -6,6 +6,8 @@ checkpoint maps onto this model by dropping its `model.` prefix and nothing else
 
 The KV cache is preallocated and indexed by position: `cache_len` says how many positions
 are valid, so rolling back after a rejected speculative draft is one integer assignment.
+The cache and the attention of cached passes live in `attention`; `compile` runs cached
+passes through torch.compile (and CUDA graphs) from outside: the model itself is eager.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from draftlm.attention import (
+    SMALL_STEP,
+    KVCache,
+    cache_mask,
+    masked_cache_attention,
+    past_mask,
+    small_step_attention,
+)
 from draftlm.config import ModelConfig, RopeScaling
 
 
@@ -60,87 +70,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Keys and values for positions [0, max_seq_len), written in place at their position."""
-
-    def __init__(
-        self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str | None,
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start_pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v at their positions; return the cache up to the last of them. Given a
-        tensor of positions (a static-shape pass), return the whole cache: every shape then
-        stays the same from one position to the next."""
-        if isinstance(start_pos, Tensor):
-            self.k.index_copy_(2, start_pos, k)
-            self.v.index_copy_(2, start_pos, v)
-            return self.k, self.v
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-# Decode and verify steps (a few new tokens against a cached past) take a plain matmul path:
-# PyTorch's CPU SDPA kernels cost ~1-13 ms a call there, more than the layer's weights.
-SMALL_STEP = 16
-
-
-def small_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Attention of a few queries over the cache (`masked_cache_attention`'s folded
-    grouped-query matmuls).
-
-    With a cached past (`mask` given: a verify pass of speculative decoding), each new token
-    is computed alone over exactly the positions it may see: the same shapes and kernels as
-    the one-token decode step at its position, so its result does not depend on the other
-    tokens of the pass. With batch-invariant linear layers (`quant.layers.Int8Linear`) a verify
-    pass then gives the very logits AR decoding would, bit for bit."""
-    t = q.shape[2]
-    if mask is not None and t > 1:
-        past = k.shape[2] - t
-        rows = [
-            small_step_attention(q[:, :, i : i + 1], k[:, :, : past + i + 1],
-                                 v[:, :, : past + i + 1], None)
-            for i in range(t)
-        ]
-        return torch.cat(rows, dim=2)
-    # All new tokens and no past: causal among themselves (one token sees all there is).
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril() if t > 1 else None
-    return masked_cache_attention(q, k, v, causal)
-
-
-def masked_cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Attention of T queries over keys/values [B, kv, L, D], `mask` [T, L] (or None: all)
-    saying which positions each may see. Grouped-query heads are folded into the query
-    length ([B, kv, group*T, D]) so K and V are never repeated or copied.
-
-    A static-shape pass (CUDA graphs) calls it over the whole cache: no shape depends on
-    the position, so one graph replays at every step. Work then grows with the cache's
-    capacity, not its fill: cheap on a GPU, which is where that path runs by default."""
-    b, h, t, d = q.shape
-    kv_heads = k.shape[1]
-    group = h // kv_heads
-    scores = (q.reshape(b, kv_heads, group * t, d) @ k.transpose(-1, -2)).float() * (d**-0.5)
-    if mask is not None:
-        length = k.shape[2]
-        scores = scores.view(b, kv_heads, group, t, length).masked_fill(~mask, float("-inf"))
-        scores = scores.view(b, kv_heads, group * t, length)
-    probs = scores.softmax(-1).to(v.dtype)
-    return (probs @ v).view(b, h, t, d)
-
-
-def past_mask(first: int, t: int, device: torch.device) -> Tensor:
-    """[t, first + t] bool: new token i sits at position first + i and may see every
-    position up to it (a cached pass after `first` positions)."""
-    seen = torch.arange(first + t, device=device)
-    return seen[None, :] <= (first + torch.arange(t, device=device))[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -155,12 +84,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor | None,
-        mask: Tensor | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+        start_pos: int | None = None, positions: Tensor | None = None,
     ) -> Tensor:
-        """`start_pos`: None without a cache; the first new position as an int; or, in a
-        static-shape pass, the new tokens' positions as a tensor (with `mask` over the
-        whole cache)."""
+        """Without `start_pos` or `positions`, attention among the new tokens alone (no
+        cache). `start_pos`: the first new position of a cached pass. `positions`: the new
+        tokens' positions in a static-shape pass (with `mask` over the whole cache)."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
             kv_size = self.n_kv_heads * self.head_dim
@@ -171,12 +100,13 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and start_pos is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
-        if isinstance(start_pos, Tensor):
+        cached = start_pos is not None or positions is not None
+        if cached and self.kv_cache is not None:
+            k, v = self.kv_cache.update(k, v, start_pos, positions)
+        if positions is not None:
             assert mask is not None
             y = masked_cache_attention(q, k, v, mask)
-        elif start_pos is not None and t <= SMALL_STEP:
+        elif cached and t <= SMALL_STEP:
             y = small_step_attention(q, k, v, mask)
         else:
             # Causal among the new tokens only when they are all there is; with a cached past
@@ -213,10 +143,10 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int | Tensor | None,
-        mask: Tensor | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+        start_pos: int | None = None, positions: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,12 +171,6 @@ class Transformer(nn.Module):
         self.cache_len = 0
         self.max_cache_len = 0
         self._rope: tuple[Tensor, Tensor] | None = None
-        self._compiled_step = None  # set by compile_decode_step
-        self._compiled_verify = None  # set by compile_verify
-        self.verify_len = 0
-        # Static-shape compiled passes (CUDA graphs): positions travel as this device tensor.
-        self.static_shapes = False
-        self._pos: Tensor | None = None
 
     # ---- weights -----------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -269,18 +193,12 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} > model context {self.config.max_seq_len}")
-        if self.static_shapes:
-            # A static-shape graph is compiled (and a CUDA graph recorded) per cache size:
-            # round sizes up to a few buckets so that requests share them.
-            bucket = max(256, 1 << (max_seq_len - 1).bit_length())
-            max_seq_len = min(self.config.max_seq_len, bucket)
         weight = self.embed_tokens.weight
+        cache = self.layers[0].self_attn.kv_cache
         if (
-            self.max_cache_len == max_seq_len
-            and self.layers[0].self_attn.kv_cache is not None
-            and self.layers[0].self_attn.kv_cache.k.shape[0] == batch_size
-            and self.layers[0].self_attn.kv_cache.k.dtype == weight.dtype
-            and self.layers[0].self_attn.kv_cache.k.device == weight.device
+            self.max_cache_len == max_seq_len and cache is not None
+            and cache.k.shape[0] == batch_size and cache.k.dtype == weight.dtype
+            and cache.k.device == weight.device
         ):
             self.cache_len = 0
             return
@@ -303,144 +221,21 @@ class Transformer(nn.Module):
             raise ValueError(f"cannot roll back to {length}: cache holds {self.cache_len}")
         self.cache_len = length
 
-    # ---- compiled decode step ----------------------------------------------------------
-    def compile_decode_step(self, static_shapes: bool | None = None) -> None:
-        """Run every one-token cached step (AR decoding, a draft model's proposals) through
-        torch.compile; prefill stays eager (verify passes: `compile_verify`).
-
-        A one-token step of a small model on a CPU is mostly Python and dispatch overhead:
-        SmolLM2-135M makes ~1,000 small op calls per token across its 30 layers, and they
-        cost more than reading its weights. Inductor fuses each layer's elementwise work
-        into a few C++ kernels. The position and the cache length are symbolic
-        (`dynamic=True`), so one graph serves every position and cache size; compiled code
-        is cached on disk by torch, so only the first run on a machine pays the compile
-        (~3 minutes for SmolLM2-135M on 2 cores, ~1 minute once cached).
-
-        `static_shapes` (the default on CUDA) compiles a pass whose shapes never change
-        instead, with mode="reduce-overhead": on a GPU that records the step once as a CUDA
-        graph and replays it, removing the per-kernel launch cost that dominates a small
-        model's step. Positions then travel as a device tensor (an int would be a new graph
-        per position), attention spans the whole cache under a mask, and cache sizes are
-        rounded up to powers of two (one graph each).
-
-        Fused kernels round differently from eager ones: logits agree to float rounding,
-        not bit for bit. The graph is compiled here, on a scratch cache: a draft model that
-        drafts one token per round steps only after a rejection, so its first step could
-        otherwise come (and compile) in the middle of a timed generation."""
-        device = self.embed_tokens.weight.device
-        if static_shapes is None:
-            static_shapes = device.type == "cuda"
-        self.static_shapes = static_shapes
-        self._rope_tables(device)
-        if static_shapes:
-            self._pos = torch.zeros(1, dtype=torch.long, device=device)
-            if device.type == "cuda":  # read in place at each replay, never copied in
-                assert self._rope is not None
-                for table in (*self._rope, self._pos):
-                    torch._dynamo.mark_static_address(table)
-        step = self._static_pass if static_shapes else self._decode_one
-        self._compiled_step = self._compile(step)
-        self._warm_up(1)
-
-    @property
-    def compiled(self) -> bool:
-        """True once `compile_decode_step` has run."""
-        return self._compiled_step is not None
-
-    def compile_verify(self, length: int) -> None:
-        """Run cached passes of 2..`length` tokens (speculative verify passes) through
-        torch.compile as one graph of exactly `length` tokens: shorter passes are padded
-        with copies of their last token, whose keys/values land past the real ones and are
-        forgotten at once (the cache needs `length` - 1 positions of slack; a pass near the
-        end of the cache runs eager). One fixed shape means one compile, whatever draft
-        lengths an adaptive drafter picks. Each real token still attends over exactly the
-        positions before it, so padding never changes its logits. Static shapes (CUDA
-        graphs) follow `compile_decode_step`. The graph is compiled here, on a scratch
-        cache, not inside the caller's first timed generation."""
-        if length < 2 or length > SMALL_STEP:
-            raise ValueError(f"verify length must be in [2, {SMALL_STEP}], got {length}")
-        if self._compiled_verify is not None and self.verify_len == length:
-            return
-        self._rope_tables(self.embed_tokens.weight.device)
-        self.verify_len = length
-        self._compiled_verify = self._compile(
-            self._static_pass if self.static_shapes else self._verify_many
-        )
-        self._warm_up(2)
-
-    def _compile(self, fn):  # noqa: ANN001, ANN202 - torch.compile's own types
-        if not self.static_shapes:
-            return torch.compile(fn, dynamic=True, fullgraph=True)
-        cuda = self.embed_tokens.weight.device.type == "cuda"
-        return torch.compile(fn, mode="reduce-overhead" if cuda else None, dynamic=False,
-                             fullgraph=True)
-
-    def _warm_up(self, tokens: int) -> None:
-        """Run cached passes of `tokens` tokens on a scratch cache (the caller sets up its
-        own next) so that torch.compile compiles now (and, with CUDA graphs, records: the
-        second and third runs). Position 3, not 0 or 1, which torch would specialize on."""
-        device = self.embed_tokens.weight.device
-        need = 3 + max(tokens, self.verify_len) + 1
-        if self.config.max_seq_len < need:
-            return  # too short a context to warm up: the first real pass compiles
-        with torch.inference_mode():
-            self.setup_cache(1, need)
-            self(torch.zeros(1, 3, dtype=torch.long, device=device), start_pos=0)
-            for _ in range(3 if self.static_shapes else 1):
-                self(torch.zeros(1, tokens, dtype=torch.long, device=device), start_pos=3)
-        self.cache_len = 0
-
-    def _static_pass(self, input_ids: Tensor, first: Tensor) -> Tensor:
-        """Logits [B, T, V] of T tokens at positions first.. (`first`: a one-element device
-        tensor), attending over the whole cache under a mask: no shape depends on the
-        position, so the compiled graph is the same at every step."""
-        assert self._rope is not None
-        cache = self.layers[0].self_attn.kv_cache
-        assert cache is not None
-        positions = first + torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = self._rope[0][positions], self._rope[1][positions]
-        seen = torch.arange(cache.k.shape[2], device=input_ids.device)
-        mask = seen[None, :] <= positions[:, None]
-        return self.lm_head(self._hidden(input_ids, cos, sin, positions, mask))
-
-    def _run_compiled(self, fn, input_ids: Tensor, first: int) -> Tensor:  # noqa: ANN001
-        # A fresh contiguous id tensor: a strided slice would be another graph.
-        ids = input_ids.clone(memory_format=torch.contiguous_format)
-        if self.static_shapes:
-            assert self._pos is not None
-            self._pos.fill_(first)  # on the device: no host sync, one address for the graph
-            # A CUDA graph's outputs are overwritten by its next replay: hand out a copy.
-            return fn(ids, self._pos).clone()
-        # Module buffers count as static by default; the KV cache's length must be symbolic
-        # too, or every request with another cache size would compile again.
-        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
-            return fn(ids, first)
-
-    def _verify_many(self, input_ids: Tensor, pos: int) -> Tensor:
-        """Logits [B, T, V] of T tokens at positions pos.. (cache holds pos > 0)."""
-        assert self._rope is not None
-        t = input_ids.shape[1]
-        cos, sin = self._rope[0][pos : pos + t], self._rope[1][pos : pos + t]
-        mask = past_mask(pos, t, input_ids.device)
-        return self.lm_head(self._hidden(input_ids, cos, sin, pos, mask))
-
-    def _decode_one(self, input_ids: Tensor, pos: int) -> Tensor:
-        """Logits [B, 1, V] of one token per row at position `pos` (cache holds pos)."""
-        assert self._rope is not None
-        cos, sin = self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
-        return self.lm_head(self._hidden(input_ids, cos, sin, pos, None))
-
-    def _hidden(self, input_ids: Tensor, cos: Tensor, sin: Tensor,
-                start_pos: int | Tensor | None, mask: Tensor | None) -> Tensor:
-        """Final-norm hidden states [B, T, D]: what every pass (eager, compiled, static)
-        computes alike; they differ only in how they make positions, rope rows and mask."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, mask)
-        return self.norm(x)
+    def check_cached_pass(self, start_pos: int, num_tokens: int) -> None:
+        """A cached pass must start at `cache_len` or below it (which overwrites, i.e. an
+        implicit rollback) and end inside the cache."""
+        if self.layers[0].self_attn.kv_cache is None:
+            raise ValueError("start_pos given but no cache: call setup_cache() first")
+        if start_pos > self.cache_len:
+            raise ValueError(f"start_pos {start_pos} skips past cache_len {self.cache_len}")
+        if start_pos + num_tokens > self.max_cache_len:
+            raise ValueError(
+                f"{start_pos + num_tokens} positions exceed the cache of {self.max_cache_len}"
+            )
 
     # ---- forward -----------------------------------------------------------------------
-    def _rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin [max_seq_len, head_dim] of every position, made once per device."""
         if self._rope is None or self._rope[0].device != device:
             inv_freq = rope_frequencies(
                 self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
@@ -452,45 +247,39 @@ class Transformer(nn.Module):
         return self._rope
 
     def forward(
-        self, input_ids: Tensor, start_pos: int | None = None, num_logits: int | None = None
+        self, input_ids: Tensor, start_pos: int | None = None, num_logits: int | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """Logits for the last `num_logits` positions (all when None).
+        """Logits [B, T, V] for the last `num_logits` positions (all when None).
 
-        `start_pos` selects the cached path; it must equal `cache_len` or lie below it
-        (which overwrites, i.e. an implicit rollback)."""
-        b, t = input_ids.shape
-        use_cache = start_pos is not None
-        if use_cache:
-            if self.layers[0].self_attn.kv_cache is None:
-                raise ValueError("start_pos given but no cache: call setup_cache() first")
-            if start_pos > self.cache_len:
-                raise ValueError(f"start_pos {start_pos} skips past cache_len {self.cache_len}")
-            if start_pos + t > self.max_cache_len:
-                raise ValueError(
-                    f"{start_pos + t} positions exceed the cache of {self.max_cache_len}"
-                )
-        elif t > self.config.max_seq_len:
+        `start_pos` selects the cached path (`check_cached_pass` says where it may start).
+        `positions` [T], a device tensor, selects the static-shape pass of
+        `compile.CompiledDecoder`: attention spans the whole cache under a mask, so no shape
+        depends on the position and one CUDA graph replays at every step."""
+        t = input_ids.shape[1]
+        # CompiledDecoder checks and counts the positions of its compiled passes itself: an
+        # int attribute read or written inside a graph would pin the graph to its value.
+        counted = start_pos is not None and not torch.compiler.is_compiling()
+        if counted:
+            self.check_cached_pass(start_pos, t)
+        elif start_pos is None and positions is None and t > self.config.max_seq_len:
             raise ValueError(f"{t} tokens exceed the context of {self.config.max_seq_len}")
-        first = start_pos or 0
-        if self._compiled_step is not None and use_cache and t == 1:
-            logits = self._run_compiled(self._compiled_step, input_ids, first)
-            self.cache_len = first + 1
-            return logits
-        if (self._compiled_verify is not None and use_cache and first > 0
-                and 1 < t <= self.verify_len and first + self.verify_len <= self.max_cache_len):
-            pad = input_ids[:, -1:].expand(b, self.verify_len - t)
-            logits = self._run_compiled(self._compiled_verify, torch.cat((input_ids, pad), 1),
-                                        first)
-            self.cache_len = first + t  # the padding's cache entries: forgotten
-            return logits[:, t - (num_logits or t) : t]
-        cos, sin = self._rope_tables(input_ids.device)
-        cos, sin = cos[first : first + t], sin[first : first + t]
+        cos, sin = self.rope_tables(input_ids.device)
         mask = None
-        if use_cache and first > 0 and t > 1:
-            mask = past_mask(first, t, input_ids.device)
-        x = self._hidden(input_ids, cos, sin, start_pos, mask)
-        if use_cache:
-            self.cache_len = first + t
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
+            mask = cache_mask(positions, self.max_cache_len)
+        else:
+            start = 0 if start_pos is None else start_pos
+            cos, sin = cos[start : start + t], sin[start : start + t]
+            if start_pos is not None and t > 1 and start_pos > 0:
+                mask = past_mask(start_pos, t, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, start_pos, positions)
+        x = self.norm(x)
+        if counted:
+            self.cache_len = start_pos + t
         if num_logits is not None:
             x = x[:, -num_logits:]
         return self.lm_head(x)

@@ -65,11 +65,12 @@ def test_compiled_steps_keep_greedy_output_exact(compiled: str) -> None:
     max draft + 1 tokens) and greedy output stays the compiled target's own."""
     target = no_eos_lm(0)
     draft = noisy_copy(target)
-    (draft if compiled == "draft" else target).model.compile_decode_step()
+    (draft if compiled == "draft" else target).compile()
     expected = generate(target, PROMPT, max_new_tokens=40).token_ids
     result = generate(target, PROMPT, max_new_tokens=40,
                       drafter=ModelDrafter(draft, target, 4, adaptive=True))
-    assert target.model.verify_len == (5 if compiled == "target" else 0)
+    assert getattr(target.decoder, "verify_len", 0) == (5 if compiled == "target" else 0)
+    assert getattr(draft.decoder, "verify_len", 0) == (2 if compiled == "draft" else 0)
     assert result.token_ids == expected
     assert 0 < result.stats["num_accepted"] < result.stats["num_drafted"]
 

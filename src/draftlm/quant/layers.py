@@ -9,7 +9,7 @@ reads one row):
   so the only error is the weights' rounding, and each row goes through the same float
   operations in the same order at any batch size, so a row's output is bit-for-bit the
   same in a verify pass of 6 as alone. With the batch-invariant decode attention of
-  `model.small_step_attention` this keeps greedy speculative decoding token-for-token equal
+  `attention.small_step_attention` this keeps greedy speculative decoding token-for-token equal
   to greedy AR decoding of the quantized model. Why not fbgemm (PyTorch's
   `quantized::linear_dynamic`): it quantizes activations too, with one scale for the whole
   batch, and costs more per call than the weight bytes need
@@ -54,7 +54,7 @@ FOUR_BIT_MODES = ("int4", "int4-mixed")
 INT4_GROUP = 32
 
 # fbgemm's packed weights are a TorchScript object that torch.compile cannot trace through.
-# The compiled decode step (`Transformer.compile_decode_step`) therefore reaches them through
+# The compiled decode step (`compile.CompiledDecoder`) therefore reaches them through
 # a custom op that takes an integer handle: the op is opaque to the compiler (its fake
 # implementation only gives the output shape) while the code around it is fused.
 _PACKED: dict[int, object] = {}

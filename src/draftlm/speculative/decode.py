@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from draftlm.attention import SMALL_STEP
+from draftlm.compile import CompiledDecoder
 from draftlm.errors import DraftlmError
 from draftlm.load import LM
-from draftlm.model import SMALL_STEP
 from draftlm.output import GenerationResult, OutputTracker
 from draftlm.sampling import SamplingParams, logits_to_probs
 from draftlm.speculative.drafters import Draft, Drafter
@@ -45,19 +46,19 @@ def speculative_decode(
     shortened so that no verify pass runs past it."""
     if not prompt_ids:
         raise DraftlmError("the prompt is empty")
-    model = lm.model
+    decoder = lm.decoder
     device = lm.device
     start = time.perf_counter()
     slack = 0
-    if model.compiled and drafter.max_draft_length + 1 <= SMALL_STEP:
+    if isinstance(decoder, CompiledDecoder) and drafter.max_draft_length + 1 <= SMALL_STEP:
         # A compiled target verifies through one padded graph of max draft + 1 tokens.
-        model.compile_verify(drafter.max_draft_length + 1)
-        slack = min(drafter.max_draft_length, model.config.max_seq_len - cache_len)
-    model.setup_cache(1, cache_len + slack)
+        decoder.compile_verify(drafter.max_draft_length + 1)
+        slack = min(drafter.max_draft_length, lm.config.max_seq_len - cache_len)
+    decoder.setup_cache(1, cache_len + slack)
     drafter.begin(prompt_ids, cache_len, device)
     ids = [int(t) for t in prompt_ids]
     if len(ids) > 1:  # the last prompt token goes in with the first draft
-        model(torch.tensor([ids[:-1]], device=device), start_pos=0, num_logits=1)
+        decoder(torch.tensor([ids[:-1]], device=device), start_pos=0, num_logits=1)
     prefill_s = time.perf_counter() - start
     draft_s = verify_s = 0.0
     num_forwards = num_drafted = num_accepted = 0
@@ -69,9 +70,9 @@ def speculative_decode(
         draft = drafter.propose(ids, k, params, generator) if k > 0 else Draft.empty(device)
         t1 = time.perf_counter()
         k = len(draft)
-        pos = len(ids) - 1
+        start_pos = len(ids) - 1
         last = torch.tensor([ids[-1]], device=device)
-        logits = model(torch.cat((last, draft.tokens)).view(1, -1), start_pos=pos)[0]
+        logits = decoder(torch.cat((last, draft.tokens)).view(1, -1), start_pos=start_pos)[0]
         if params.greedy:
             accepted, next_token = verify_greedy(draft.tokens, logits)
         else:
@@ -82,7 +83,7 @@ def speculative_decode(
         values = torch.cat((accepted.view(1), next_token.view(1), draft.tokens)).tolist()
         n = values[0]
         new_tokens = [*values[2 : 2 + n], values[1]]
-        model.rollback(pos + 1 + n)
+        decoder.rollback(start_pos + 1 + n)
         draft_s += t1 - t0
         verify_s += time.perf_counter() - t1
         num_forwards += 1

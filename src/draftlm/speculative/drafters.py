@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from draftlm.compile import CompiledDecoder
 from draftlm.errors import DraftlmError
 from draftlm.load import LM
 from draftlm.sampling import SamplingParams, logits_to_probs, sample
@@ -167,14 +168,14 @@ class ModelDrafter(Drafter):
     def begin(self, prompt_ids: Sequence[int], cache_len: int, device: torch.device) -> None:
         super().begin(prompt_ids, cache_len, device)
         self._capacity = min(cache_len, self.draft.config.max_seq_len)
-        model = self.draft.model
+        decoder = self.draft.decoder
         slack = 0
-        if model.compiled:
+        if isinstance(decoder, CompiledDecoder):
             # After a fully accepted draft the draft model catches up on two tokens (its
             # last draft and the target's bonus token): one small compiled graph.
-            model.compile_verify(2)
+            decoder.compile_verify(2)
             slack = min(1, self.draft.config.max_seq_len - self._capacity)
-        model.setup_cache(1, self._capacity + slack)
+        decoder.setup_cache(1, self._capacity + slack)
         self._cached, self._uncommitted = [], None
 
     def _fit_vocab(self, logits: Tensor) -> Tensor:
@@ -202,14 +203,13 @@ class ModelDrafter(Drafter):
         if self._uncommitted is not None:  # the engine has synced since: this costs nothing
             self._cached += self._uncommitted.tolist()
             self._uncommitted = None
-        model = self.draft.model
-        start = min(common_prefix_length(self._cached, context_ids), len(context_ids) - 1)
-        model.rollback(start)
-        feed = torch.tensor([context_ids[start:]], device=self.device)
-        logits = model(feed, start_pos=start, num_logits=1)[0, -1]
+        decoder = self.draft.decoder
+        start_pos = min(common_prefix_length(self._cached, context_ids), len(context_ids) - 1)
+        decoder.rollback(start_pos)
+        feed = torch.tensor([context_ids[start_pos:]], device=self.device)
+        logits = decoder(feed, start_pos=start_pos, num_logits=1)[0, -1]
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
-        pos = len(context_ids)
         for i in range(k):
             logits = self._fit_vocab(logits.float())
             if params.greedy:
@@ -225,7 +225,7 @@ class ModelDrafter(Drafter):
                 top = probs[-1].max() if probs else logits.softmax(-1).max()
                 if float(top) < self.min_confidence:
                     break
-            logits = model(token.view(1, 1), start_pos=pos + i)[0, -1]
+            logits = decoder(token.view(1, 1), start_pos=len(context_ids) + i)[0, -1]
         drafted = torch.stack(tokens)
         self._cached = list(context_ids)
         self._uncommitted = drafted[:-1]  # their keys/values are cached now
@@ -299,7 +299,7 @@ class CrossTokenizerDrafter(Drafter):
         super().begin(prompt_ids, cache_len, device)
         # Re-tokenized text can take more draft tokens than target tokens: leave room.
         self._capacity = min(self.draft.config.max_seq_len, 2 * cache_len + 64)
-        self.draft.model.setup_cache(1, self._capacity)
+        self.draft.decoder.setup_cache(1, self._capacity)
         self._cached = []
 
     def propose(
@@ -313,16 +313,16 @@ class CrossTokenizerDrafter(Drafter):
         num_steps = max_tokens + 1  # one more: the last target token gets dropped
         if len(draft_ids) + num_steps > self._capacity:
             return Draft.empty(self.device)
-        model = self.draft.model
-        start = min(common_prefix_length(self._cached, draft_ids), len(draft_ids) - 1)
-        model.rollback(start)
-        feed = torch.tensor([draft_ids[start:]], device=model.embed_tokens.weight.device)
-        logits = model(feed, start_pos=start, num_logits=1)[0, -1]
+        decoder = self.draft.decoder
+        start_pos = min(common_prefix_length(self._cached, draft_ids), len(draft_ids) - 1)
+        decoder.rollback(start_pos)
+        feed = torch.tensor([draft_ids[start_pos:]], device=self.draft.device)
+        logits = decoder(feed, start_pos=start_pos, num_logits=1)[0, -1]
         steps: list[Tensor] = []
         for i in range(num_steps):
             steps.append(logits.argmax(-1))
             if i < num_steps - 1:
-                logits = model(steps[-1].view(1, 1), start_pos=len(draft_ids) + i)[0, -1]
+                logits = decoder(steps[-1].view(1, 1), start_pos=len(draft_ids) + i)[0, -1]
         new = torch.stack(steps).tolist()
         self._cached = draft_ids + new[:-1]
         ended = next((i for i, t in enumerate(new) if t in self._eos), None)
