@@ -13,7 +13,6 @@ from torch import Tensor
 
 from draftlm.errors import DraftlmError
 
-
 # Temperatures below this are greedy: dividing logits by 1e-30 overflows float32 to inf
 # and the softmax to NaN, while any temperature this small already puts all of the mass
 # on the argmax (a logit gap of 1e-3 becomes a factor of e^1000).

@@ -1,5 +1,6 @@
 """`draftlm serve`: an OpenAI-compatible HTTP server (`command` the CLI verb, `app` the
-FastAPI app, `protocol` the wire format, `worker` the generation thread and metrics).
+FastAPI app, `routes` its endpoints, `gate` the request gate (auth, body size, queue),
+`protocol` the wire format, `worker` the generation thread and metrics).
 
 Only `command` is imported by the CLI; FastAPI and pydantic load when the server starts.
 """
