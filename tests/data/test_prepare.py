@@ -1,9 +1,15 @@
-"""draftlm prepare: every source format, skip counting, dedup, packing, byte-identical re-runs."""
+"""draftlm prepare: every source format, skip counting, dedup, packing, byte-identical re-runs,
+and a Python code corpus (rules, decontamination, split by path, files.jsonl)."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import random
+import shutil
+import site
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +18,10 @@ from helpers import byte_tokenizer
 
 from draftlm.data import pack as data_pack
 from draftlm.data import prepare as data
+from draftlm.data.corpus import doc_hash, is_val
 from draftlm.data.prepare import prepare, token_dtype
 from draftlm.errors import DraftlmError
+from draftlm.eval.humaneval import load_problems
 
 
 def _docs(n: int, tag: str) -> list[str]:
@@ -212,3 +220,155 @@ def test_cli_prepare(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert summary["documents"] == 4 and summary["dtype"] == "uint16"
     assert main(["prepare", str(tmp_path / "missing"), "--output", str(tmp_path / "o2"),
                  "--tokenizer", str(tmp_path / "tok")]) == 1
+
+
+# ---- a Python code corpus ---------------------------------------------------------------
+def _module(seed: int, num_functions: int = 30) -> str:
+    """Python source of its own: random names, so that no two seeds are near-duplicates."""
+    rng = random.Random(seed)
+    names = [f"name{rng.randrange(10_000)}" for _ in range(300)]
+    return "".join(f"def {rng.choice(names)}({rng.choice(names)}):\n"
+                   f"    return {rng.choice(names)} * {i}\n\n" for i in range(num_functions))
+
+
+@pytest.fixture
+def code(tmp_path: Path) -> Path:
+    """Twenty modules and one file for each rule: an exact and a near duplicate, a HumanEval
+    solution, Latin-1 bytes, a huge file, Python 2 and a generated file."""
+    root = tmp_path / "code"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(20):
+        (root / "pkg" / f"mod{i:02d}.py").write_text(_module(i))
+    (root / "pkg" / "zz_copy.py").write_text(_module(3))
+    (root / "pkg" / "zz_edited.py").write_text(_module(4).replace("* 7\n", "* 70\n"))
+    problem = load_problems()[2]  # truncate_number
+    (root / "solutions.py").write_text(problem.prompt + problem.canonical_solution)
+    (root / "latin1.py").write_bytes("# caf\xe9\nx = 1\n".encode("latin-1"))
+    (root / "huge.py").write_text("x = 1\n" * 20_000)
+    (root / "py2.py").write_text("print 'hello'\n")
+    (root / "generated.py").write_text("# Automatically generated, do not edit.\nx = 1\n")
+    return root
+
+
+CODE_RULES = dict(split_by="path", val_fraction=0.3, max_doc_bytes=50_000, parse_python=True,
+                  skip_generated=True, near_dedup=0.8, decontaminate=["humaneval"])
+
+
+def _ledger(folder: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in (folder / "files.jsonl").read_text().splitlines()]
+    return {row["file"]: row for row in rows}
+
+
+def test_code_corpus_drops_by_rule_and_states_every_file(code: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = prepare([str(code)], str(out), byte_tokenizer(), workers=1, progress=False,
+                       **CODE_RULES)
+    files = manifest["files"]
+    assert files["found"] == 27 and files["kept"] == 20
+    assert files["dropped"] == {"duplicate": 1, "generated": 1, "humaneval": 1,
+                                "near_duplicate": 1, "syntax_error": 1, "too_large": 1,
+                                "undecodable": 1}
+    assert files["train"]["num_files"] + files["val"]["num_files"] == 20
+    assert files["val"]["num_files"] > 0
+    (source,) = manifest["sources"]
+    assert source["documents"] == 20 and source["duplicates"] == 1
+    assert source["skipped"] == {k: v for k, v in files["dropped"].items() if k != "duplicate"}
+    assert manifest["rules"]["split_by"] == "path"
+    # 164 problems; two pairs share a signature (correct_bracketing, sum_squares)
+    assert manifest["rules"]["humaneval_signatures"]["count"] == 162
+    assert manifest["rules"]["near_dedup"]["num_perm"] == 128
+
+    ledger = _ledger(out)
+    assert ledger["solutions.py"]["humaneval"] == ["HumanEval/2"]
+    assert ledger["pkg/zz_copy.py"]["duplicate_of"] == "pkg/mod03.py"
+    assert ledger["pkg/zz_edited.py"]["near_duplicate_of"] == "pkg/mod04.py"
+    assert ledger["latin1.py"]["dropped"] == "undecodable"
+    for name, row in ledger.items():
+        if "split" in row:
+            expected = "val" if is_val(doc_hash(name), 0.3) else "train"
+            assert row["split"] == expected
+            assert row["blake2b"] == doc_hash((code / name).read_text()).hex()
+    val_docs = sorted((code / n).read_text() for n, r in ledger.items() if r.get("split") == "val")
+    val_text = bytes(_stream(out, "val").astype(np.uint8)).decode()
+    assert sorted(val_text.split("\x00")[:-1]) == val_docs
+    assert manifest["splits"]["val"]["num_tokens"] == sum(len(d) + 1 for d in val_docs)
+    assert files["sha256"] == hashlib.sha256((out / "files.jsonl").read_bytes()).hexdigest()
+
+
+def test_split_by_path_keeps_a_file_in_its_split_when_code_changes(
+    code: Path, tmp_path: Path
+) -> None:
+    prepare([str(code)], str(tmp_path / "a"), byte_tokenizer(), workers=1, progress=False,
+            **CODE_RULES)
+    moved = tmp_path / "elsewhere" / "code"
+    shutil.copytree(code, moved)
+    (moved / "pkg" / "mod05.py").write_text(_module(500))  # a new version of one module
+    (moved / "pkg" / "new.py").write_text(_module(501))
+    prepare([str(moved)], str(tmp_path / "b"), byte_tokenizer(), workers=2, progress=False,
+            **CODE_RULES)
+    before, after = _ledger(tmp_path / "a"), _ledger(tmp_path / "b")
+    assert {n: r.get("split") for n, r in before.items()} == {
+        n: r.get("split") for n, r in after.items() if n != "pkg/new.py"}
+    assert before["pkg/mod05.py"]["blake2b"] != after["pkg/mod05.py"]["blake2b"]
+    prepare([str(code)], str(tmp_path / "c"), byte_tokenizer(), workers=2, progress=False,
+            **CODE_RULES)
+    for name in ["files.jsonl", "manifest.json", "train-00000.bin", "val-00000.bin"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+
+
+def test_split_by_path_needs_one_document_per_file(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(DraftlmError, match="one document per file"):
+        prepare([str(corpus / "a.jsonl")], str(tmp_path / "o"), byte_tokenizer(),
+                split_by="path", workers=1, progress=False)
+
+
+def test_cli_prepares_this_interpreters_python(
+    code: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from draftlm.cli import main
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(code)})
+    monkeypatch.setattr(site, "getsitepackages", lambda: [])
+    byte_tokenizer().save(tmp_path / "tok")
+    args = ["prepare", "python-stdlib", "--output", str(tmp_path / "o"), "--tokenizer",
+            str(tmp_path / "tok"), "--workers", "1", "--split-by", "path",
+            "--val-fraction", "0.3", "--max-doc-bytes", "50000", "--max-line-chars", "1000",
+            "--max-mean-line-chars", "100", "--min-alnum-fraction", "0.25",
+            "--skip-generated", "--parse-python", "--near-dedup", "0.8",
+            "--decontaminate", "humaneval"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"]["found"] == 27
+    assert summary["files"]["dropped"]["humaneval"] == 1
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["sources"][0]["roots"] == {"stdlib": str(code)}
+    assert "stdlib/solutions.py" in (tmp_path / "o" / "files.jsonl").read_text()
+    with pytest.raises(SystemExit):  # argparse rejects an unknown benchmark
+        main([*args[:-1], "mbpp"])
+
+
+def test_interrupted_code_corpus_resumes_to_the_same_bytes(
+    code: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "BATCH_DOCS", 2)
+    args = dict(shard_tokens=2000, workers=1, progress=False, **CODE_RULES)
+    prepare([str(code)], str(tmp_path / "whole"), byte_tokenizer(), **args)
+    real_write, calls = data_pack.ShardWriter._write, []
+
+    def failing_write(self, tokens):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_write(self, tokens)
+
+    monkeypatch.setattr(data_pack.ShardWriter, "_write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(code)], str(tmp_path / "cut"), byte_tokenizer(), **args)
+    assert json.loads((tmp_path / "cut" / data.STATE).read_text())["docs_end"] > 0
+    monkeypatch.setattr(data_pack.ShardWriter, "_write", real_write)
+    prepare([str(code)], str(tmp_path / "cut"), byte_tokenizer(), **args)
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.bin"))
+    assert len(names) > 4
+    for name in [*names, "manifest.json", "files.jsonl"]:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -4,15 +4,29 @@ The output folder holds `train-00000.bin`, ..., `val-00000.bin`, ...: raw little
 uint16 token ids (uint32 when the vocabulary does not fit 16 bits) that `numpy.memmap`
 reads directly, every document followed by EOS (and preceded by BOS with `--bos`, as AMD
 did), so a sequence may cross document boundaries like in every packed pretraining set.
-`manifest.json` records the sources, document/token/skip counts, the tokenizer's
-fingerprint, the dtype and every shard's size and SHA-256; `tokenizer/` holds a copy of
-the tokenizer so that training can export a complete model folder.
+`manifest.json` records the sources, the rule parameters, document/token/skip counts,
+the tokenizer's fingerprint, the dtype and every shard's size and SHA-256; `files.jsonl`
+(`corpus.Ledger`) says for every file read as one document which split it went to or why
+it was dropped; `tokenizer/` holds a copy of the tokenizer so that training can export a
+complete model folder.
 
-Determinism: files are read in sorted order, a document goes to train or val by its hash,
-exact duplicates are dropped by hash (first occurrence wins) and worker processes return
-results in order, so the same inputs give the same bytes. After every shard, the position
-(documents read, unfinished shard contents) is saved; a re-run continues from there and
-keeps the finished shards instead of starting over.
+Which documents are kept is `corpus`'s business: size and line limits, Codex's filters
+for code, a syntax check, decontamination against HumanEval, exact and near
+deduplication, and the split by the hash of the content or of the file's name.
+
+Determinism: files are read in sorted order, every rule decides from the document and
+the ones before it, and worker processes return results in order, so the same inputs
+give the same bytes. After every shard, the position (documents read, unfinished shard
+contents) is saved; a re-run continues from there and keeps the finished shards instead
+of starting over.
+
+A Python code corpus for a Qwen2.5-Coder draft, from the code this machine has:
+
+    draftlm prepare python-local --tokenizer qwen2.5-coder-1.5b --split-by path \
+        --val-fraction 0.02 --max-doc-bytes 1000000 --max-line-chars 1000 \
+        --max-mean-line-chars 100 --min-alnum-fraction 0.25 --skip-generated \
+        --parse-python --near-dedup 0.85 --decontaminate humaneval \
+        --output runs/python-local-qwen
 """
 
 from __future__ import annotations
@@ -25,7 +39,6 @@ import os
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +46,18 @@ import numpy as np
 from rich.progress import Progress
 from tokenizers import Tokenizer as HFTokenizer
 
+from draftlm.data.corpus import (
+    DECONTAMINATE,
+    SPLIT_BY,
+    SPLITS,
+    Batch,
+    BenchmarkSignatures,
+    CorpusRules,
+    Ledger,
+    NearDuplicates,
+    read_corpus,
+    rules_manifest,
+)
 from draftlm.data.pack import (
     STATE,
     ShardWriter,
@@ -42,25 +67,26 @@ from draftlm.data.pack import (
     save_state,
     write_atomic,
 )
-from draftlm.data.sources import SourceFile, expand_source, iter_documents
+from draftlm.data.sources import describe_source, expand_source
 from draftlm.errors import DraftlmError
 from draftlm.formats.gguf import open_gguf, read_metadata
 from draftlm.formats.gguf_tokenizer import tokenizer_from_gguf
 from draftlm.formats.hf import read_hf_config, read_hf_tokenizer
-from draftlm.formats.registry import REAL_MODELS
-from draftlm.load import pull
+from draftlm.formats.registry import REAL_MODELS, gguf_path
+from draftlm.load import model_cache_folder
 from draftlm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 BATCH_DOCS = 256  # documents per task sent to a worker
 
 
 # ---- tokenizer --------------------------------------------------------------------------
 def load_tokenizer(spec: str) -> Tokenizer:
     """A tokenizer from a HF folder (or its tokenizer.json), a .gguf file or a registry
-    model name; `draftlm tokenizer train` writes such a folder."""
+    model name; `draftlm tokenizer train` writes such a folder. A registry model's
+    tokenizer comes from its converted folder when `draftlm pull` made one, else from
+    its GGUF file's metadata (the same tokenizer, without converting the weights)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.name == "tokenizer.json":
         path = path.parent
@@ -71,7 +97,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return read_hf_tokenizer(path, config)
 
     if spec in REAL_MODELS:
-        return read_hf_tokenizer(pull(spec))
+        folder = model_cache_folder(spec)
+        if (folder / "config.json").is_file():
+            return read_hf_tokenizer(folder, read_hf_config(folder))
+        return tokenizer_from_gguf(read_metadata(open_gguf(gguf_path(spec))))
     raise DraftlmError(
         f"no tokenizer {spec!r}: pass a folder with tokenizer.json, a .gguf file or one of "
         f"{', '.join(REAL_MODELS)}"
@@ -101,64 +130,6 @@ def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     ]
 
 
-# ---- reading ----------------------------------------------------------------------------
-@dataclass
-class _Batch:
-    texts: list[str]
-    splits: list[str]
-    sources: list[int]
-    docs_end: int  # documents read (duplicates included) after this batch
-    skipped: dict[int, Counter[str]] = field(default_factory=dict)
-    duplicates: Counter[int] = field(default_factory=Counter)
-
-
-def _doc_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _is_val(digest: bytes, val_fraction: float) -> bool:
-    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
-
-
-def _read_batches(
-    files: list[SourceFile], field_name: str, max_line_chars: int, dedup: bool,
-    val_fraction: float, start_doc: int,
-) -> Iterator[_Batch]:
-    """Documents in batches, deduplicated and assigned a split. The first `start_doc`
-    documents (already packed by an interrupted run) are only hashed, so that duplicates
-    of them are still recognised."""
-    seen: set[bytes] = set()
-    docs_read = 0
-    batch = _Batch([], [], [], 0)
-    for file in files:
-        skipped: Counter[str] = Counter()
-        for text in iter_documents(file, field_name, max_line_chars, skipped):
-            docs_read += 1
-            digest = _doc_hash(text)
-            duplicate = dedup and digest in seen
-            if dedup:
-                seen.add(digest)
-            if docs_read <= start_doc:  # packed before the interruption: counted there
-                skipped.clear()
-                continue
-            if duplicate:
-                batch.duplicates[file.source_index] += 1
-                continue
-            batch.texts.append(text)
-            batch.splits.append("val" if _is_val(digest, val_fraction) else "train")
-            batch.sources.append(file.source_index)
-            if len(batch.texts) >= BATCH_DOCS:
-                batch.docs_end = docs_read
-                batch.skipped.setdefault(file.source_index, Counter()).update(skipped)
-                skipped.clear()
-                yield batch
-                batch = _Batch([], [], [], docs_read)
-        if docs_read >= start_doc:  # skips after the resume point are new
-            batch.skipped.setdefault(file.source_index, Counter()).update(skipped)
-    batch.docs_end = docs_read
-    yield batch
-
-
 # ---- prepare ----------------------------------------------------------------------------
 def prepare(
     sources: Sequence[str],
@@ -174,12 +145,26 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     exclude: Sequence[str] = (),
+    split_by: str = "content",
+    max_doc_bytes: int = 0,
+    max_mean_line_chars: float = 0.0,
+    min_alnum_fraction: float = 0.0,
+    skip_generated: bool = False,
+    parse_python: bool = False,
+    near_dedup: float = 0.0,
+    decontaminate: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Tokenize `sources` into shards under `output`; returns the manifest."""
+    """Tokenize `sources` into shards under `output`; returns the manifest. The rule
+    arguments are `corpus.CorpusRules`' fields."""
     if not sources:
         raise DraftlmError("prepare needs at least one source")
-    if not 0 <= val_fraction <= 1:  # 1: a validation-only set (e.g. SlimPajama's)
-        raise DraftlmError(f"--val-fraction must be in [0, 1], got {val_fraction}")
+    rules = CorpusRules(
+        field=field, val_fraction=val_fraction, split_by=split_by,
+        max_line_chars=max_line_chars, max_doc_bytes=max_doc_bytes,
+        max_mean_line_chars=max_mean_line_chars, min_alnum_fraction=min_alnum_fraction,
+        skip_generated=skip_generated, parse_python=parse_python, dedup=dedup,
+        near_dedup=near_dedup, decontaminate=tuple(sorted(set(decontaminate))))
+    rules.check()
     if shard_tokens < 1:
         raise DraftlmError(f"--shard-tokens must be positive, got {shard_tokens}")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
@@ -189,12 +174,14 @@ def prepare(
         raise DraftlmError("--bos given but the tokenizer has no BOS token")
     dtype = token_dtype(tok.vocab_size)
     files = [f for i, s in enumerate(sources) for f in expand_source(s, i, exclude)]
+    rules.check_files(files)
+    signatures = BenchmarkSignatures.humaneval() if "humaneval" in rules.decontaminate else None
+    near = NearDuplicates(near_dedup) if near_dedup else None
     settings = {
         "format_version": FORMAT_VERSION, "sources": list(sources),
         "files": [[str(f.path), f.path.stat().st_size] for f in files],
-        "tokenizer_fingerprint": tok.fingerprint, "field": field, "val_fraction": val_fraction,
-        "shard_tokens": shard_tokens, "max_line_chars": max_line_chars, "dedup": dedup,
-        "bos": bos, "dtype": dtype.name,
+        "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": shard_tokens, "bos": bos,
+        "dtype": dtype.name, "rules": rules_manifest(rules, signatures, near),
     }
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     out = Path(output).expanduser()
@@ -223,7 +210,8 @@ def prepare(
 
     prefix = [tok.bos_id] if bos else []
     suffix = [tok.eos_ids[0]]
-    batches = _read_batches(files, field, max_line_chars, dedup, val_fraction, start_doc)
+    ledger = Ledger(out)
+    batches = read_corpus(files, rules, start_doc, BATCH_DOCS, ledger, signatures, near)
     init_args = (tok.backend.to_str(), prefix, suffix, dtype.name)
     num_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     bar = _Progress(len(files), enabled=progress)
@@ -239,14 +227,17 @@ def prepare(
     bar.close()
     for writer in writers.values():
         writer.finish()
+    files_summary = ledger.close()
     manifest = {
         "format_version": FORMAT_VERSION, "settings_hash": settings_hash,
         "dtype": dtype.name, "vocab_size": tok.vocab_size,
         "tokenizer_fingerprint": tok.fingerprint, "eos_id": tok.eos_ids[0],
         "bos_id": tok.bos_id if bos else None, "shard_tokens": shard_tokens,
         "val_fraction": val_fraction, "dedup": dedup, "field": field,
-        "sources": [{**s, "skipped": dict(sorted(s["skipped"].items()))}
-                    for s in stats.values()],
+        "rules": settings["rules"],
+        "sources": [{**s, **describe_source(s["source"]),
+                     "skipped": dict(sorted(s["skipped"].items()))} for s in stats.values()],
+        "files": files_summary,
         "splits": {s: {"num_tokens": sum(x["num_tokens"] for x in w.shards),
                        "shards": w.shards} for s, w in writers.items()},
     }
@@ -256,11 +247,11 @@ def prepare(
 
 
 def _in_order(
-    pool: Any, batches: Iterator[_Batch], max_in_flight: int
-) -> Iterator[tuple[_Batch, list[np.ndarray]]]:
+    pool: Any, batches: Iterator[Batch], max_in_flight: int
+) -> Iterator[tuple[Batch, list[np.ndarray]]]:
     """Encoded batches in reading order, with at most `max_in_flight` batches read ahead
     (Pool.imap would read the whole input into memory while the workers lag behind)."""
-    in_flight: deque[tuple[_Batch, Any]] = deque()
+    in_flight: deque[tuple[Batch, Any]] = deque()
     for batch in batches:
         in_flight.append((batch, pool.apply_async(_encode_batch, (batch.texts,))))
         if len(in_flight) >= max_in_flight:
@@ -272,7 +263,7 @@ def _in_order(
 
 
 def _pack(
-    results: Iterator[tuple[_Batch, list[np.ndarray]]], writers: dict[str, ShardWriter],
+    results: Iterator[tuple[Batch, list[np.ndarray]]], writers: dict[str, ShardWriter],
     stats: dict[int, dict[str, Any]], out: Path, settings_hash: str, bar: _Progress,
 ) -> None:
     for batch, encoded in results:
@@ -315,16 +306,35 @@ class _Progress:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prepare", help="tokenize documents into training shards")
     p.add_argument("sources", nargs="+",
-                   help="text files/folders, JSONL(.gz/.zst), Parquet, or globs ('src/**/*.py')")
+                   help="text files/folders, JSONL(.gz/.zst), Parquet, globs ('src/**/*.py'), "
+                   "or this interpreter's Python code: python-stdlib, python-site-packages, "
+                   "python-local (both)")
     p.add_argument("--output", required=True, help="folder for shards and manifest.json")
     p.add_argument("--tokenizer", required=True,
                    help="folder with tokenizer.json, a .gguf file or a registry model name")
     p.add_argument("--field", default="text", help="JSONL/Parquet field with the text")
     p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--split-by", choices=SPLIT_BY, default="content",
+                   help="hash that assigns a document to train or val: its content, or its "
+                   "file's name relative to the source (one document per file)")
     p.add_argument("--shard-tokens", type=int, default=2048 * 2049)
     p.add_argument("--max-line-chars", type=int, default=10_000,
                    help="skip documents with a longer line (0: no limit)")
+    p.add_argument("--max-doc-bytes", type=int, default=0,
+                   help="skip larger documents, files by their size on disk (0: no limit)")
+    p.add_argument("--max-mean-line-chars", type=float, default=0.0,
+                   help="skip documents with a longer mean line (Codex: 100; 0: no limit)")
+    p.add_argument("--min-alnum-fraction", type=float, default=0.0,
+                   help="skip documents with fewer letters and digits (StarCoder: 0.25)")
+    p.add_argument("--skip-generated", action="store_true",
+                   help="skip documents whose first lines say they are generated")
+    p.add_argument("--parse-python", action="store_true",
+                   help="skip documents that this Python does not parse")
     p.add_argument("--no-dedup", dest="dedup", action="store_false")
+    p.add_argument("--near-dedup", type=float, default=0.0, metavar="JACCARD",
+                   help="also skip documents this similar to a kept one (MinHash; 0: off)")
+    p.add_argument("--decontaminate", action="append", default=[], choices=DECONTAMINATE,
+                   help="skip documents that define a benchmark problem's function")
     p.add_argument("--bos", action="store_true", help="also start every document with BOS")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files or folders whose name matches (repeatable)")
@@ -339,10 +349,13 @@ def cmd_prepare(**kwargs: Any) -> None:
     skipped = Counter()
     for source in manifest["sources"]:
         skipped.update(source["skipped"])
+    files = manifest["files"]
     print(json.dumps({
         "output": kwargs["output"], "dtype": manifest["dtype"],
         "train_tokens": splits["train"]["num_tokens"], "val_tokens": splits["val"]["num_tokens"],
         "documents": sum(s["documents"] for s in manifest["sources"]),
         "duplicates": sum(s["duplicates"] for s in manifest["sources"]),
         "skipped": dict(skipped),
+        "files": {"found": files["found"], "train": files["train"]["num_files"],
+                  "val": files["val"]["num_files"], "dropped": files["dropped"]},
     }))

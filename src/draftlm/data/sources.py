@@ -7,9 +7,17 @@ or a `.parquet` file (StarCoder's layout: a `content` column). Files are visited
 sorted order so that two runs see the same documents in the same order, which is what
 makes prepared shards byte-identical.
 
-Bad input is data, not an error: undecodable bytes, empty documents, lines too long to be
-text (minified code, embedded data) and malformed records are counted by reason and
-skipped.
+A source may also name the Python code this interpreter has, which needs no download:
+`python-stdlib` (the standard library, without the site-packages inside it),
+`python-site-packages` (every installed package) or `python-local` (both). Only `.py`
+files are read, and folders of vendored copies of other projects (`_vendor`, `vendored`,
+`third_party`, ...) are left out: they repeat code found elsewhere or pin old versions.
+Every file has a name relative to its source (`stdlib/json/decoder.py`), which is what
+manifests list and what a split by path hashes, so that both are the same on any machine.
+
+Bad input is data, not an error: undecodable bytes, documents over a size cap, empty
+documents, lines too long to be text (minified code, embedded data) and malformed records
+are counted by reason and skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import gzip
 import io
 import json
 import os
+import site
+import sysconfig
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,13 +43,26 @@ PARQUET_SUFFIXES = (".parquet",)
 # A JSONL record longer than this is skipped unread: it would not fit the line limit anyway.
 MAX_RECORD_BYTES = 64 * 2**20
 
+# Source names for the Python code on this machine, and the roots each one reads.
+PYTHON_SOURCES = {
+    "python-local": ("stdlib", "site-packages"),
+    "python-stdlib": ("stdlib",),
+    "python-site-packages": ("site-packages",),
+}
+# Folders a Python source does not enter: installed packages below the standard library
+# (read as site-packages instead) and copies of other projects kept inside a package.
+PYTHON_SKIPPED_FOLDERS = ("site-packages", "dist-packages", "__pycache__", "_vendor", "vendor",
+                          "_vendored", "vendored", "externals", "third_party")
+
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of a source, with the index of the source (given order) it came from."""
+    """One file of a source, with the index of the source (given order) it came from and
+    its name relative to the source (stable across machines)."""
 
     source_index: int
     path: Path
+    name: str
 
     @property
     def kind(self) -> str:
@@ -57,6 +80,13 @@ def expand_source(
     """The files of one source, sorted; a source that matches nothing is an error.
     `exclude` holds glob patterns matched against every folder and file name
     (`site-packages`, `test_*`)."""
+    if source in PYTHON_SOURCES:
+        files = [SourceFile(source_index, path, f"{label}/{path.relative_to(root).as_posix()}")
+                 for label, root in python_roots(source)
+                 for path in _python_files(root, exclude)]
+        if not files:
+            raise DraftlmError(f"data source {source} holds no .py files")
+        return files
     if any(ch in source for ch in "*?["):
         # glob skips hidden names unless the pattern spells them out
         pattern = os.path.expanduser(source)
@@ -67,13 +97,45 @@ def expand_source(
         if not root.exists():
             raise DraftlmError(f"data source {source} does not exist")
         if root.is_file():
-            return [SourceFile(source_index, root)]
+            return [SourceFile(source_index, root, root.name)]
         paths = [p for p in root.rglob("*") if not _hidden(p.relative_to(root))]
     # exclusions apply below the source's own folder, not to the folders above it
     files = sorted(p for p in paths if p.is_file() and not _excluded(p.relative_to(root), exclude))
     if not files:
         raise DraftlmError(f"data source {source} holds no files")
-    return [SourceFile(source_index, p) for p in files]
+    return [SourceFile(source_index, p, p.relative_to(root).as_posix()) for p in files]
+
+
+def python_roots(source: str) -> list[tuple[str, Path]]:
+    """(label, folder) of each root a Python source reads: `stdlib`, then `site-packages`
+    (`site-packages-2`, ... when the interpreter has several)."""
+    roots = []
+    if "stdlib" in PYTHON_SOURCES[source]:
+        roots.append(("stdlib", Path(sysconfig.get_paths()["stdlib"])))
+    if "site-packages" in PYTHON_SOURCES[source]:
+        folders = [Path(p) for p in dict.fromkeys(site.getsitepackages()) if Path(p).is_dir()]
+        roots += [("site-packages" if i == 0 else f"site-packages-{i + 1}", folder)
+                  for i, folder in enumerate(folders)]
+    return roots
+
+
+def describe_source(source: str) -> dict[str, object]:
+    """What a source spec stood for on this machine, for a manifest."""
+    if source not in PYTHON_SOURCES:
+        return {}
+    return {"roots": {label: str(root) for label, root in python_roots(source)},
+            "suffix": ".py", "skipped_folders": list(PYTHON_SKIPPED_FOLDERS)}
+
+
+def _python_files(root: Path, exclude: Sequence[str]) -> list[Path]:
+    """The `.py` files below `root`, sorted, pruning skipped, excluded and hidden folders."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in PYTHON_SKIPPED_FOLDERS
+                   and not any(fnmatch.fnmatch(d, pattern) for pattern in exclude)]
+        found += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith(".")
+                  and not any(fnmatch.fnmatch(n, pattern) for pattern in exclude)]
+    return sorted(p for p in found if p.is_file())
 
 
 def _excluded(path: Path, patterns: Sequence[str]) -> bool:
@@ -85,9 +147,15 @@ def _hidden(path: Path) -> bool:
 
 
 def iter_documents(
-    file: SourceFile, field: str, max_line_chars: int, skipped: Counter[str]
+    file: SourceFile, field: str, max_line_chars: int, skipped: Counter[str],
+    max_doc_bytes: int = 0,
 ) -> Iterator[str]:
-    """The usable documents of `file`; everything else is counted in `skipped` by reason."""
+    """The usable documents of `file`; everything else is counted in `skipped` by reason.
+    `max_doc_bytes` (0: no cap) skips larger documents; a text file by its size on disk,
+    before reading it."""
+    if file.kind == "text" and max_doc_bytes and file.path.stat().st_size > max_doc_bytes:
+        skipped["too_large"] += 1
+        return
     if file.kind == "jsonl":
         texts = _jsonl_texts(file.path, field, skipped)
     elif file.kind == "parquet":
@@ -95,7 +163,9 @@ def iter_documents(
     else:
         texts = _text_file(file.path, skipped)
     for text in texts:
-        if not text.strip():
+        if max_doc_bytes and len(text.encode("utf-8", "surrogatepass")) > max_doc_bytes:
+            skipped["too_large"] += 1
+        elif not text.strip():
             skipped["empty"] += 1
         elif max_line_chars and _longest_line(text) > max_line_chars:
             skipped["huge_line"] += 1
