@@ -58,6 +58,9 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = (2,)
     # Explicit head size: some families (not the presets) decouple it from dim / n_heads.
     head_dim_override: int | None = field(default=None, repr=False)
+    # A draft's output head may cover only this many of the vocabulary's tokens (FR-Spec:
+    # the frequent ones); `Transformer.head_token_ids` says which. None: all of them.
+    head_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         # Checked before anything is built: a damaged or hostile config.json must fail here
@@ -89,6 +92,15 @@ class ModelConfig:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 raise DraftlmError(f"config {self.name!r}: token ids must be integers >= 0, "
                                    f"got {token!r}")
+        if self.head_vocab_size is not None:
+            if isinstance(self.head_vocab_size, bool) or not isinstance(self.head_vocab_size, int) \
+                    or not 1 <= self.head_vocab_size <= self.vocab_size:
+                raise DraftlmError(f"config {self.name!r}: head_vocab_size must be an integer in "
+                                   f"[1, vocab_size={self.vocab_size}], got "
+                                   f"{self.head_vocab_size!r}")
+            if self.tie_embeddings:
+                raise DraftlmError(f"config {self.name!r}: a truncated head (head_vocab_size) "
+                                   "cannot be tied to the embeddings")
         if self.n_heads % self.n_kv_heads:
             raise DraftlmError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
@@ -191,6 +203,7 @@ class ModelConfig:
             eos_ids=eos_ids,
             head_dim_override=head_dim if head_dim and head_dim != hf["hidden_size"] // n_heads
             else None,
+            head_vocab_size=hf.get("draftlm_head_vocab_size"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -215,6 +228,8 @@ class ModelConfig:
             "eos_token_id": list(self.eos_ids) if len(self.eos_ids) != 1 else self.eos_ids[0],
             "torch_dtype": "float32",
         }
+        if self.head_vocab_size is not None:  # draftlm's own: other loaders refuse the head
+            hf["draftlm_head_vocab_size"] = self.head_vocab_size
         if not qwen:
             hf["attention_bias"] = False
             hf["mlp_bias"] = False

@@ -151,7 +151,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`forward(input_ids [B, T]) -> logits [B, T, V]`.
+    """`forward(input_ids [B, T]) -> logits [B, T, V]` (V = `head_vocab_size` for a draft
+    with a truncated head, whose row i scores token `head_token_ids[i]`).
 
     Without a cache (training, scoring) every call is a full causal pass. After
     `setup_cache`, `forward(ids, start_pos)` writes the new keys/values at
@@ -165,9 +166,14 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.dim, config.head_vocab_size or config.vocab_size,
+                                 bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # A truncated head's row i scores token head_token_ids[i] (saved with the weights).
+        self.head_token_ids: Tensor | None
+        self.register_buffer("head_token_ids", None if config.head_vocab_size is None
+                             else torch.arange(config.head_vocab_size))
         self.cache_len = 0
         self.max_cache_len = 0
         self._rope: tuple[Tensor, Tensor] | None = None

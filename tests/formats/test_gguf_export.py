@@ -23,9 +23,8 @@ def exported(tmp_path: Path, arch: str, tensor_type: str = "f32") -> tuple:
     model = tiny_model(tiny_config(arch), seed=3)
     source = tmp_path / f"source-{arch}.gguf"
     write_gguf(source, tiny_model(tiny_config(arch), seed=9), arch=arch)
-    tokenizer = read_gguf(source, progress=False).tokenizer
     path = save_gguf(tmp_path / f"draft-{arch}-{tensor_type}.gguf", model.config,
-                     model.state_dict(), tokenizer, source, tensor_type=tensor_type)
+                     model.state_dict(), source, tensor_type=tensor_type)
     return model, path, source
 
 
@@ -76,15 +75,14 @@ def test_quantized_export_stays_close(tmp_path) -> None:
 
 def test_bad_input_is_one_line(tmp_path) -> None:
     model, _, source = exported(tmp_path, "llama")
-    tokenizer = read_gguf(source, progress=False).tokenizer
     with pytest.raises(DraftlmError, match="unknown GGUF tensor type"):
-        save_gguf(tmp_path / "x.gguf", model.config, model.state_dict(), tokenizer, source,
+        save_gguf(tmp_path / "x.gguf", model.config, model.state_dict(), source,
                   tensor_type="q3")
     small = tiny_model(tiny_config("llama", spm=True))
     other = tmp_path / "spm.gguf"
     write_gguf(other, small, spm=True)
     with pytest.raises(DraftlmError, match="not this model's tokenizer"):
-        save_gguf(tmp_path / "y.gguf", model.config, model.state_dict(), tokenizer, other)
+        save_gguf(tmp_path / "y.gguf", model.config, model.state_dict(), other)
     with pytest.raises(DraftlmError, match="has no GGUF name"):
         gguf_tensor_name("layers.0.self_attn.qkv_proj.weight")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
@@ -103,3 +101,24 @@ def test_hf_transformers_loads_the_export_with_equal_logits(tmp_path, arch) -> N
                                               dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, model(IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_a_truncated_head_is_written_whole(tmp_path) -> None:
+    """Rows of the head's tokens keep their weights, the others are zero."""
+    from draftlm.model import Transformer
+    from draftlm.training.draft import prune
+
+    model, _, source = exported(tmp_path, "llama")
+    ids = torch.tensor([0, 5, 17, 100, 263])
+    draft = prune(model, [1], ids)
+    path = save_gguf(tmp_path / "trunc.gguf", draft.config, draft.state_dict(), source,
+                     tensor_type="f32")
+    ckpt = read_gguf(path, progress=False)
+    head = ckpt.tensors["lm_head.weight"]
+    assert head.shape[0] == model.config.vocab_size and ckpt.config.n_layers == 1
+    torch.testing.assert_close(head[ids], draft.lm_head.weight)
+    assert head[[1, 2, 3]].abs().sum() == 0
+    full = Transformer(ckpt.config).eval()
+    full.load_state_dict(ckpt.tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(full(IDS)[..., ids], draft(IDS), atol=1e-5, rtol=1e-5)

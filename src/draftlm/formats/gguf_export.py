@@ -24,7 +24,6 @@ from torch import Tensor
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
 from draftlm.formats.gguf import open_gguf, permute_qk
-from draftlm.tokenizer import Tokenizer
 
 TENSOR_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                 "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -53,15 +52,15 @@ def architecture(config: ModelConfig) -> str:
     return "qwen2" if config.qkv_bias else "llama"
 
 
-def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, tokenizer: Tokenizer) -> None:
+def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
     reader = open_gguf(source)
     fields = {name: f for name, f in reader.fields.items() if name.startswith("tokenizer.")}
     tokens = fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise DraftlmError(f"{source} holds no tokenizer (no tokenizer.ggml.tokens)")
-    if len(tokens.data) != tokenizer.vocab_size:
-        raise DraftlmError(f"{source}'s tokenizer has {len(tokens.data)} tokens, the model's "
-                           f"{tokenizer.vocab_size}: it is not this model's tokenizer")
+    if len(tokens.data) != vocab_size:
+        raise DraftlmError(f"{source}'s tokenizer has {len(tokens.data)} tokens, the model "
+                           f"{vocab_size}: it is not this model's tokenizer")
     for name, field in fields.items():
         kind = field.types[0]
         sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
@@ -69,10 +68,14 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, tokenizer: Tokenizer)
 
 
 def save_gguf(
-    path: str | Path, config: ModelConfig, tensors: Mapping[str, Tensor], tokenizer: Tokenizer,
+    path: str | Path, config: ModelConfig, tensors: Mapping[str, Tensor],
     tokenizer_gguf: str | Path, tensor_type: str = "f16", name: str | None = None,
 ) -> Path:
-    """Write the model to `path` (atomically: a temporary file renamed at the end)."""
+    """Write the model to `path` (atomically: a temporary file renamed at the end).
+
+    A truncated head (`head_vocab_size`, a draft's) is written whole, as llama.cpp expects:
+    rows of tokens outside it are zero, so they score 0 where the draft's own runtime
+    gives them no probability; a proposal of one is still verified exactly."""
     if tensor_type not in TENSOR_TYPES:
         raise DraftlmError(f"unknown GGUF tensor type {tensor_type!r}; use one of "
                            f"{', '.join(TENSOR_TYPES)}")
@@ -102,8 +105,14 @@ def save_gguf(
     writer.add_file_type(int({"f32": gguf.LlamaFileType.ALL_F32,
                               "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]))
-    _copy_tokenizer(writer, Path(tokenizer_gguf).expanduser(), tokenizer)
+    _copy_tokenizer(writer, Path(tokenizer_gguf).expanduser(), config.vocab_size)
     qtype = TENSOR_TYPES[tensor_type]
+    tensors = dict(tensors)
+    head_ids = tensors.pop("head_token_ids", None)
+    if head_ids is not None:
+        full = tensors["lm_head.weight"].new_zeros(config.vocab_size, config.dim)
+        full[head_ids.long()] = tensors["lm_head.weight"]
+        tensors["lm_head.weight"] = full
     for tensor_name, tensor in tensors.items():
         if tensor_name == "lm_head.weight" and config.tie_embeddings:
             continue

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
+from draftlm.formats.gguf_export import save_gguf
 from draftlm.formats.hf import save_hf_folder
 from draftlm.load import load
 from draftlm.model import Transformer
@@ -219,13 +220,31 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path,
     state = read_checkpoint_state(folder)
     config = ModelConfig.from_dict(state["identity"]["model_config"])
     if tokenizer_folder is None:
-        data = state["identity"].get("data") or []
+        data = [d["path"] for d in state["identity"].get("data") or []]
+        teacher = state["identity"].get("teacher")
+        if not data and teacher:  # a distilled draft: the teacher's source data
+            manifest = json.loads((Path(teacher) / "manifest.json").read_text())
+            data = [manifest["spec"]["data"]]
         if not data:
             raise DraftlmError(f"{folder} names no dataset to take the tokenizer from; "
                                "pass --tokenizer FOLDER")
-        tokenizer_folder = Path(data[0]["path"]) / "tokenizer"
+        tokenizer_folder = Path(data[0]) / "tokenizer"
     tokenizer = Tokenizer.from_folder(tokenizer_folder)
     return save_hf_folder(output, config, load_model_tensors(folder), tokenizer)
+
+
+def export_gguf(source: str | Path, output: str | Path, tokenizer_gguf: str | Path,
+                tensor_type: str = "f16") -> Path:
+    """Write a training checkpoint, or any model `draftlm.load` reads, as a GGUF file."""
+    folder = Path(source).expanduser()
+    if (folder / "state.json").is_file():
+        state = read_checkpoint_state(folder)
+        config = ModelConfig.from_dict(state["identity"]["model_config"])
+        tensors = load_model_tensors(folder)
+    else:
+        lm = load(str(source), dtype="float32")
+        config, tensors = lm.config, lm.model.state_dict()
+    return save_gguf(output, config, tensors, tokenizer_gguf, tensor_type)
 
 
 def initial_model(cfg: TrainConfig, data_tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer]:

@@ -53,6 +53,11 @@ class TrainConfig:
     peak_flops: float | None = None  # per device; None: see training.metrics.default_peak_flops
     tensorboard: bool = True
     export: bool = True  # write a HF folder `out_dir/final` at the end
+    # ---- a draft distilled from its target (`draftlm train-draft`) ----
+    teacher: str | None = None  # teacher folder (`draftlm teacher`): windows + target top-k
+    distill_loss: str = "fkl"  # fkl | tvd | ce (ce: the data's next tokens, the baseline)
+    init_layers: list[int] | None = None  # keep only these blocks of `init` (pruning)
+    head_vocab_size: int | None = None  # truncated head over the most frequent tokens
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -89,7 +94,7 @@ class TrainConfig:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         return {"model_config": model_config.to_dict(), "seq_len": self.seq_len,
                 "global_batch_tokens": self.global_batch_tokens, "data": self.data,
-                "seed": self.seed}
+                "seed": self.seed, "teacher": self.teacher, "distill_loss": self.distill_loss}
 
 
 def resolve_config(

@@ -50,7 +50,7 @@ def bucketed(draft_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor
     log_q = F.log_softmax(draft_logits.float(), dim=-1)
     index, present = draft_positions(teacher_ids, vocab_ids, draft_logits.shape[-1])
     q_top = log_q.gather(-1, index).exp() * present
-    p_top = teacher_logprobs.float().exp()
+    p_top = teacher_logprobs.float().exp() * present  # absent tokens: in the tail for both
     p_rest = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)
     q_rest = (1 - q_top.sum(-1, keepdim=True)).clamp(min=0)
     return torch.cat((p_top, p_rest), -1), torch.cat((q_top, q_rest), -1)

@@ -206,6 +206,11 @@ class TeacherWindows:
     def tokenizer_fingerprint(self) -> str:
         return self.manifest["tokenizer_fingerprint"]
 
+    @property
+    def vocab_size(self) -> int:
+        """The target's vocabulary size (token ids and teacher ids lie below it)."""
+        return int(self.manifest["vocab_size"])
+
     def _shard(self, index: int) -> dict[str, Tensor]:
         if self._cache is None or self._cache[0] != index:
             path = self.folder / self.manifest["shards"][index]["file"]

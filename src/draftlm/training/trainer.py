@@ -12,10 +12,7 @@ so `--resume` continues exactly rather than by replaying.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,16 +24,17 @@ from draftlm.config import ModelConfig
 from draftlm.data.loader import PackedTokens, TokenLoader, check_same_tokenizer, val_batches
 from draftlm.errors import DraftlmError
 from draftlm.formats.hf import save_hf_folder
+from draftlm.model import Transformer
 from draftlm.tokenizer import Tokenizer
 from draftlm.training.checkpoint import (
-    export_checkpoint,
     initial_model,
     list_checkpoints,
     load_checkpoint,
     model_state,
     save_checkpoint,
 )
-from draftlm.training.config import TrainConfig, resolve_config
+from draftlm.training.config import TrainConfig
+from draftlm.training.distill import LOSSES, distill_loss
 from draftlm.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -47,6 +45,7 @@ from draftlm.training.distributed import (
     parallelize,
     shutdown,
 )
+from draftlm.training.draft import frequent_tokens, prune, token_counts
 from draftlm.training.metrics import (
     MetricsLogger,
     ProgressBar,
@@ -55,6 +54,7 @@ from draftlm.training.metrics import (
     flops_per_token,
     plot_loss_curve,
 )
+from draftlm.training.teacher import TeacherLoader, iter_windows
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -101,9 +101,11 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.grad_accum = grad_accum_steps(cfg, info)
         self.out = Path(cfg.out_dir).expanduser()
-        self.loader, self.val_data = build_data(cfg, info)
-        data_tokenizer = Tokenizer.from_folder(Path(cfg.data[0]["path"]) / "tokenizer")
+        self.loader, self.val_data, data_folder = build_data(cfg, info)
+        data_tokenizer = Tokenizer.from_folder(Path(data_folder) / "tokenizer")
         self.model, self.tokenizer = initial_model(cfg, data_tokenizer)
+        if cfg.init_layers is not None or cfg.head_vocab_size is not None:
+            self.model = shape_draft(self.model, cfg, self.loader)
         self.config = self.model.config
         check_fits(cfg, self.loader, self.config)
         self.model.train().to(info.device)
@@ -167,11 +169,21 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.info.device)
         for micro in range(self.grad_accum):
-            batch = self.loader.next_batch().to(self.info.device, non_blocking=True)
+            batch = self.loader.next_batch()
+            if isinstance(batch, dict):  # teacher windows: distillation
+                batch = {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+                tokens = batch["tokens"]
+            else:
+                tokens = batch.to(self.info.device, non_blocking=True)
             with gradient_sync(self.wrapped, micro == self.grad_accum - 1):
                 with maybe_autocast(self.info.device, self.autocast):
-                    logits = self.wrapped(batch[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                    logits = self.wrapped(tokens[:, :-1])
+                if isinstance(batch, dict):
+                    loss = distill_loss(self.cfg.distill_loss, logits, batch["topk_ids"].long(),
+                                        batch["topk_logprobs"], tokens[:, 1:],
+                                        self.model.head_token_ids)
+                else:
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -245,7 +257,7 @@ class Trainer:
 # ---- setup --------------------------------------------------------------------------------
 def grad_accum_steps(cfg: TrainConfig, info: DistInfo) -> int:
     """Micro-steps per optimizer step, so that all ranks together see `global_batch_tokens`."""
-    if not cfg.data:
+    if not cfg.data and cfg.teacher is None:
         raise DraftlmError("the recipe names no data: set `data: [{path: PREPARED_FOLDER}]`")
     per_step = cfg.seq_len * cfg.micro_batch_size * info.world_size
     if cfg.global_batch_tokens % per_step:
@@ -254,21 +266,62 @@ def grad_accum_steps(cfg: TrainConfig, info: DistInfo) -> int:
     return cfg.global_batch_tokens // per_step
 
 
-def build_data(cfg: TrainConfig, info: DistInfo) -> tuple[TokenLoader, list[PackedTokens]]:
-    """This rank's training loader and the validation splits, all of one tokenizer."""
+def build_data(
+    cfg: TrainConfig, info: DistInfo,
+) -> tuple[TokenLoader | TeacherLoader, list[PackedTokens], str]:
+    """This rank's training loader, the validation splits (all of one tokenizer) and the
+    prepared folder whose tokenizer they use. With a teacher, training windows and their
+    target distributions come from the teacher folder, validation from its source data."""
+    if cfg.distill_loss not in LOSSES:
+        raise DraftlmError(f"distill_loss must be one of {', '.join(LOSSES)}, got "
+                           f"{cfg.distill_loss!r}")
+    if cfg.teacher is not None:
+        if cfg.data:
+            raise DraftlmError("a recipe with a teacher trains on the teacher's windows: "
+                               "leave `data` out (validation: `val_data`)")
+        loader = TeacherLoader(cfg.teacher, cfg.micro_batch_size, cfg.seed, info.rank,
+                               info.world_size)
+        if loader.seq_len != cfg.seq_len:
+            raise DraftlmError(f"seq_len {cfg.seq_len} differs from the teacher's windows "
+                               f"({loader.seq_len}); set seq_len: {loader.seq_len}")
+        source = loader.data.spec.data
+        val_data = [PackedTokens(p, "val") for p in (cfg.val_data or [source])]
+        if any(v.tokenizer_fingerprint != loader.data.tokenizer_fingerprint for v in val_data):
+            raise DraftlmError("the validation data was prepared with another tokenizer than "
+                               "the teacher's target")
+        return loader, val_data, source
     datasets = [(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     loader = TokenLoader(datasets, cfg.seq_len, cfg.micro_batch_size, cfg.seed, info.rank,
                          info.world_size)
     val_folders = cfg.val_data if cfg.val_data is not None else [p for p, _ in datasets]
     val_data = [PackedTokens(p, "val") for p in val_folders]
     check_same_tokenizer([*loader.data, *val_data])
-    return loader, val_data
+    return loader, val_data, datasets[0][0]
 
 
-def check_fits(cfg: TrainConfig, loader: TokenLoader, config: ModelConfig) -> None:
+def shape_draft(model: Transformer, cfg: TrainConfig,
+                loader: TokenLoader | TeacherLoader) -> Transformer:
+    """`init_layers` and `head_vocab_size` applied to the starting model (`training.draft`):
+    the head keeps the tokens most frequent in the training windows, plus the model's
+    end-of-generation tokens. Deterministic, so a resumed run rebuilds the same shape."""
+    head_ids = None
+    if cfg.head_vocab_size is not None:
+        if isinstance(loader, TeacherLoader):
+            windows = (s["tokens"] for s in iter_windows(loader.data.folder))
+        else:
+            windows = (torch.from_numpy(d.read(0, min(d.num_tokens, 1 << 24)))
+                       for d in loader.data)
+        counts = token_counts(windows, model.config.vocab_size)
+        head_ids = frequent_tokens(counts, cfg.head_vocab_size, model.config.eos_ids)
+    return prune(model, cfg.init_layers, head_ids)
+
+
+def check_fits(cfg: TrainConfig, loader: TokenLoader | TeacherLoader,
+               config: ModelConfig) -> None:
     """The data's token ids and the recipe's windows fit the model."""
-    if loader.data[0].vocab_size > config.vocab_size:
-        raise DraftlmError(f"the data's vocabulary ({loader.data[0].vocab_size}) exceeds the "
+    data = loader.data if isinstance(loader, TeacherLoader) else loader.data[0]
+    if data.vocab_size > config.vocab_size:
+        raise DraftlmError(f"the data's vocabulary ({data.vocab_size}) exceeds the "
                            f"model's ({config.vocab_size}); set model_overrides.vocab_size")
     if cfg.seq_len > config.max_seq_len:
         raise DraftlmError(f"seq_len {cfg.seq_len} exceeds the model's context "
@@ -298,97 +351,3 @@ def evaluate(
     if count == 0:
         return None
     return all_reduce_mean(total / count).item()
-
-
-# ---- CLI --------------------------------------------------------------------------------
-def pretrain(
-    config: str | None = None, out_dir: str | None = None, data: list[str] | None = None,
-    model: str | None = None, max_steps: int | None = None, seq_len: int | None = None,
-    micro_batch_size: int | None = None, global_batch_tokens: int | None = None,
-    lr: float | None = None, seed: int | None = None, device: str | None = None,
-    strategy: str | None = None, precision: str | None = None, compile: bool | None = None,
-    activation_checkpointing: bool | None = None, peak_flops: float | None = None,
-    set_fields: list[str] | tuple[str, ...] = (), resume: bool = False,
-    stop_at: int | None = None,
-) -> dict[str, Any]:
-    """Train from scratch (a preset, or `init` if the recipe names one)."""
-    cfg = resolve_config(
-        config, None, set_fields, out_dir=out_dir, data=data, model=model,
-        max_steps=max_steps, seq_len=seq_len, micro_batch_size=micro_batch_size,
-        global_batch_tokens=global_batch_tokens, lr=lr, seed=seed, device=device,
-        strategy=strategy, precision=precision, compile=compile,
-        activation_checkpointing=activation_checkpointing, peak_flops=peak_flops)
-    return _run(cfg, resume, stop_at)
-
-
-def finetune(
-    init: str | None = None, config: str | None = None, out_dir: str | None = None,
-    data: list[str] | None = None, max_steps: int | None = None, seq_len: int | None = None,
-    micro_batch_size: int | None = None, global_batch_tokens: int | None = None,
-    lr: float | None = None, seed: int | None = None, device: str | None = None,
-    strategy: str | None = None, precision: str | None = None, compile: bool | None = None,
-    activation_checkpointing: bool | None = None, peak_flops: float | None = None,
-    set_fields: list[str] | tuple[str, ...] = (), resume: bool = False,
-    stop_at: int | None = None,
-) -> dict[str, Any]:
-    """Continue training a model (`--init`: registry name, HF folder, .gguf, checkpoint)."""
-    cfg = resolve_config(
-        config, init, set_fields, out_dir=out_dir, data=data, max_steps=max_steps,
-        seq_len=seq_len, micro_batch_size=micro_batch_size,
-        global_batch_tokens=global_batch_tokens, lr=lr, seed=seed, device=device,
-        strategy=strategy, precision=precision, compile=compile,
-        activation_checkpointing=activation_checkpointing, peak_flops=peak_flops)
-    if cfg.init is None:
-        raise DraftlmError("finetune needs a starting model: --init NAME_OR_PATH (or `init:` "
-                           "in the recipe)")
-    return _run(cfg, resume, stop_at)
-
-
-def _run(cfg: TrainConfig, resume: bool, stop_at: int | None) -> dict[str, Any]:
-    summary = train(cfg, resume=resume, stop_at=stop_at)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return summary
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="recipe YAML (fields of TrainConfig)")
-    p.add_argument("--out-dir")
-    p.add_argument("--data", action="append", help="prepared folder (repeatable; weight 1)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--micro-batch-size", type=int)
-    p.add_argument("--global-batch-tokens", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--strategy", help="auto | none | ddp | fsdp (under torchrun)")
-    p.add_argument("--precision", help="auto | bf16 | fp32")
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--activation-checkpointing", action="store_true", default=None)
-    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device, for MFU")
-    p.add_argument("--set", dest="set_fields", action="append", default=[],
-                   metavar="FIELD=VALUE", help="override any recipe field (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--stop-at", type=int, help="checkpoint and stop at this step (resume later)")
-
-
-def export(checkpoint: str, output: str, tokenizer: str | None = None) -> None:
-    """Write a training checkpoint (`out_dir/checkpoints/step-N`) as a HF folder."""
-    print(export_checkpoint(checkpoint, output, tokenizer))
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="write a training checkpoint as a HF folder")
-    p.add_argument("checkpoint", help="a step-NNNNNN folder of a run")
-    p.add_argument("--output", required=True)
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's data tokenizer)")
-    p.set_defaults(func=export)
-    p = subparsers.add_parser("pretrain", help="train a model from scratch")
-    _add_common(p)
-    p.add_argument("--model", help="model preset (e.g. tiny, amd-llama-135m)")
-    p.set_defaults(func=pretrain)
-    p = subparsers.add_parser("finetune", help="continue training an existing model")
-    _add_common(p)
-    p.add_argument("--init", help="registry name, HF folder, .gguf or training checkpoint")
-    p.set_defaults(func=finetune)
