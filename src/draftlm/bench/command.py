@@ -14,23 +14,24 @@ import gc
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from draftlm.bench.baselines import run_hf_peer, run_llama_cpp_peer
-from draftlm.bench.records import BenchConfig, BenchRow
+from draftlm.bench.records import BenchConfig, BenchOptions, BenchRow, parse_variant
 from draftlm.errors import DraftlmError
 from draftlm.eval.humaneval import load_problems
 from draftlm.generate import generate
-from draftlm.load import DTYPES, LM, load, resolve_dtype
-from draftlm.options import COMPILE_MODES, check_compile_mode, check_confidence
+from draftlm.load import LM, load, resolve_dtype
+from draftlm.options import LOAD_DEFAULTS, LoadOptions, add_flags
 from draftlm.output import GenerationResult
-from draftlm.quant.layers import QUANTIZE_MODES
-from draftlm.speculative import build_drafter, load_draft
-from draftlm.speculative.drafters import vocab_compatible
+from draftlm.speculative.factory import (
+    check_same_tokenizer,
+    drafter_from_flags,
+    load_draft_model,
+)
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
@@ -56,67 +57,6 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
             raise DraftlmError(f"--limit must be >= 1, got {limit}")
         prompts = prompts[:limit]
     return prompts
-
-
-PEERS = ("hf", "llama.cpp")
-
-
-@dataclass(frozen=True)
-class ARVariant:
-    """An extra AR row of the target: its dtype, quantization, and compiled decode step."""
-
-    dtype: str
-    quantize: str = "none"
-    compiled: bool = False
-
-    @property
-    def label(self) -> str:
-        parts = [self.dtype] + [self.quantize] * (self.quantize != "none")
-        return "+".join(parts + ["compile"] * self.compiled)
-
-
-def parse_variant(variant: str, default_dtype: str) -> ARVariant:
-    """`bfloat16`; `int8` (default dtype); `float32+int4`; `int8+compile` (compiled step)."""
-    dtype, quantize, compiled = default_dtype, "none", False
-    for part in variant.split("+"):
-        if part in QUANTIZE_MODES:
-            quantize = part
-        elif part in DTYPES or part == "auto":
-            dtype = part
-        elif part == "compile":
-            compiled = True
-        else:
-            raise DraftlmError(f"--also-ar {variant!r}: {part!r} is neither a dtype "
-                               f"({', '.join(DTYPES)}), a quantization "
-                               f"({', '.join(QUANTIZE_MODES)}) nor 'compile'")
-    return ARVariant(dtype, quantize, compiled)
-
-
-def parse_ks(k: str | Sequence[int]) -> list[int]:
-    try:
-        ks = [int(x) for x in k.split(",")] if isinstance(k, str) else [int(x) for x in k]
-    except ValueError as err:
-        raise DraftlmError(f"--k takes comma-separated integers, got {k!r}") from err
-    if not ks or min(ks) < 1:
-        raise DraftlmError(f"draft lengths must be >= 1, got {k!r}")
-    return ks
-
-
-def plan(
-    drafts: Sequence[str], ngrams: Sequence[int], cross_drafts: Sequence[str],
-    ks: Sequence[int], policies: Sequence[bool], confidences: Sequence[float] = (),
-) -> list[BenchConfig]:
-    """AR first (the baseline), then every drafter x k x policy (x each confidence
-    threshold, and none, for draft models)."""
-    configs = [BenchConfig("ar")]
-    sources = [("draft", d) for d in drafts] + [("ngram", str(n)) for n in ngrams]
-    sources += [("cross", d) for d in cross_drafts]
-    for kind, source in sources:
-        thresholds = [None, *confidences] if kind == "draft" else [None]
-        for threshold in thresholds:
-            for adaptive in policies:
-                configs += [BenchConfig(kind, source, k, adaptive, threshold) for k in ks]
-    return configs
 
 
 def run_config(
@@ -154,13 +94,8 @@ def run_bench(
 ) -> list[BenchRow]:
     """Run our configurations; `draft_lms` maps draft sources to loaded models."""
     def make_drafter(config: BenchConfig) -> Any:
-        ngram = int(config.source) if config.kind == "ngram" else None
-        return build_drafter(
-            lm, ngram=ngram, num_draft_tokens=config.num_draft_tokens,
-            adaptive=config.adaptive, cross_tokenizer=config.kind == "cross",
-            draft_lm=draft_lms.get(config.source) if ngram is None else None,
-            min_confidence=config.min_confidence,
-        )
+        draft_lm = draft_lms.get(config.source) if config.kind != "ngram" else None
+        return drafter_from_flags(lm, config.draft_options(), draft_lm=draft_lm)
 
     prompt_ids = [lm.tokenizer.encode(p) for p in prompts]
     rows: list[BenchRow] = []
@@ -268,85 +203,44 @@ def write_report(
 
 def cmd_bench(
     model: str,
-    draft: Sequence[str] = (),
-    ngram: Sequence[int] = (),
-    cross_draft: Sequence[str] = (),
-    k: str = "1,3,5,8",
-    fixed: bool = False,
-    adaptive: bool = False,
-    limit: int | None = None,
-    prompts: str | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    seed: int = 0,
-    dtype: str = "auto",
-    draft_dtype: str | None = None,
-    quantize: str = "none",
-    draft_quantize: str | None = None,
-    also_ar: Sequence[str] = (),
-    device: str = "cpu",
-    peer: Sequence[str] = (),
-    out: str = "bench-results",
-    threads: int | None = None,
-    compile_mode: str = "none",
-    draft_confidence: Sequence[float] = (),
+    options: BenchOptions,
+    load_options: LoadOptions = LOAD_DEFAULTS,
 ) -> dict[str, Any]:
-    """Benchmark AR against every speculative configuration; write JSON, markdown, PNG.
+    """Benchmark AR against every speculative configuration of `options`; write JSON,
+    markdown and PNG to its `out` folder.
 
-    `threads` sets torch's intra-op threads for every row alike (on a CPU shared with other
-    work, one thread can beat two that wait on each other). `also_ar` adds AR rows of the
-    target at other precisions (`bfloat16`, `float32+int8`, `int4`, ...), so that a
-    quantized run is compared with unquantized decoding in the same run. `compile_mode`
-    (none, draft, all) compiles the one-token step of the drafts or of every model; the
-    untimed warm-up of each configuration takes the compile."""
-    check_compile_mode(compile_mode, next(iter([*draft, *cross_draft]), None))
-    for threshold in draft_confidence:
-        check_confidence(threshold)
-    if draft_confidence and not draft:
-        raise DraftlmError("--draft-confidence needs a draft model (--draft)")
-    ks = parse_ks(k)
-    variants = [parse_variant(v, dtype) for v in also_ar]
-    if threads is not None:
-        if threads < 1:
-            raise DraftlmError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    if limit is None and prompts is None:
-        limit = 5
-    policies = [True] * (adaptive or not fixed) + [False] * fixed
-    texts = load_prompts(prompts, limit)
-    if max_new_tokens < 1:
-        raise DraftlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    peers = list(peer)
-    for name in peers:
-        if name not in PEERS:
-            raise DraftlmError(f"--peer takes {' or '.join(PEERS)}, got {name!r}")
+    Its `threads` sets torch's intra-op threads for every row alike (on a CPU shared with
+    other work, one thread can beat two that wait on each other). Its `also_ar` adds AR rows
+    of the target at other precisions (`bfloat16`, `float32+int8`, `int4`, ...), so that a
+    quantized run is compared with unquantized decoding in the same run. The
+    `load_options.compile_mode` (none, draft, all) compiles the one-token step of the drafts
+    or of every model; the untimed warm-up of each configuration takes the compile."""
+    load_options.check_draft_model(next(iter(options.draft_models), None))
+    variants = [parse_variant(v, load_options.dtype) for v in options.also_ar]
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    texts = load_prompts(options.prompts, options.prompt_limit)
+    max_new_tokens, temperature, seed = options.max_new_tokens, options.temperature, options.seed
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-
-    lm = load(model, dtype=dtype, device=device, quantize=quantize,
-              compile_step=compile_mode == "all")
-    draft_lms = {d: load_draft(d, draft_dtype or dtype, device, draft_quantize or quantize,
-                               compile_step=compile_mode != "none")
-                 for d in dict.fromkeys([*draft, *cross_draft])}
-
-    for name in draft:  # fail before the first (long) run, not after it
-        if not vocab_compatible(lm.tokenizer, draft_lms[name].tokenizer):
-            raise DraftlmError(
-                f"draft {name} has another tokenizer than {model}; pass it as --cross-draft "
-                "(cross-tokenizer drafting)"
-            )
-    configs = plan(draft, ngram, cross_draft, ks, policies, draft_confidence)
-    rows = run_bench(lm, configs, texts, max_new_tokens, draft_lms, temperature, seed, log)
-    torch_dtype = resolve_dtype(dtype, device)
+    lm = load(model, dtype=load_options.dtype, device=load_options.device,
+              quantize=load_options.quantize, compile_step=load_options.compile_target)
+    draft_lms = {d: load_draft_model(d, load_options, options.draft_dtype,
+                                     options.draft_quantize) for d in options.draft_models}
+    for name in options.drafts:  # fail before the first (long) run, not after it
+        check_same_tokenizer(lm, draft_lms[name], "--cross-draft")
+    rows = run_bench(lm, options.configs(), texts, max_new_tokens, draft_lms, temperature,
+                     seed, log)
+    torch_dtype = resolve_dtype(load_options.dtype, load_options.device)
     prompt_ids = [lm.tokenizer.encode(p) for p in texts]
     del lm, draft_lms
     gc.collect()  # two copies of the target do not fit a small machine
     for spec in variants:
         config = BenchConfig("ar-variant", spec.label)
-        variant = load(model, dtype=spec.dtype, device=device, quantize=spec.quantize,
-                       compile_step=spec.compiled)
+        variant = load(model, dtype=spec.dtype, device=load_options.device,
+                       quantize=spec.quantize, compile_step=spec.compiled)
         row = run_config(variant, config, prompt_ids, max_new_tokens, lambda _: None,
                          temperature, seed)
         row.same_as_ar = rows[0].count_same(row)
@@ -355,67 +249,37 @@ def cmd_bench(
         del variant
         gc.collect()
     peer_rows: list[BenchRow] = []
-    if "llama.cpp" in peers:
+    if "llama.cpp" in options.peers:
         peer_rows += run_llama_cpp_peer(model, prompt_ids, max_new_tokens,
                                         torch.get_num_threads(), log)
-    if "hf" in peers:
-        peer_rows += run_hf_peer(model, draft, prompt_ids, max_new_tokens, torch_dtype, log)
+    if "hf" in options.peers:
+        peer_rows += run_hf_peer(model, options.drafts, prompt_ids, max_new_tokens,
+                                 torch_dtype, log)
     for row in peer_rows:
         row.same_as_ar = rows[0].count_same(row)
     rows += peer_rows
     meta = {
         "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
-        "quantize": quantize, "draft_quantize": draft_quantize or quantize,
-        "compile": compile_mode,
-        "device": device, "torch_threads": torch.get_num_threads(),
+        "quantize": load_options.quantize,
+        "draft_quantize": options.draft_quantize or load_options.quantize,
+        "compile": load_options.compile_mode,
+        "device": str(load_options.device), "torch_threads": torch.get_num_threads(),
         "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
     }
-    report = write_report(rows, out, meta)
+    report = write_report(rows, options.out, meta)
     print(markdown_table(report["results"]))
-    print(f"wrote {out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    print(f"wrote {options.out}/bench.json, bench.md, bench.png", file=sys.stderr)
     return report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="speculative decoding against plain decoding")
     p.add_argument("--model", required=True, help="target: registry name, .gguf or HF folder")
-    p.add_argument("--draft", action="append", default=[], help="draft model (repeatable)")
-    p.add_argument("--ngram", action="append", type=int, default=[],
-                   help="prompt-lookup drafting with this n-gram size (repeatable)")
-    p.add_argument("--cross-draft", action="append", default=[],
-                   help="draft model with another tokenizer (repeatable)")
-    p.add_argument("--k", default="1,3,5,8", help="draft lengths, comma-separated")
-    p.add_argument("--fixed", action="store_true", help="run fixed draft lengths")
-    p.add_argument("--draft-confidence", action="append", type=float, default=[], metavar="P",
-                   help="also run each --draft stopping its draft once the draft's top "
-                        "probability falls under P (repeatable)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="run adaptive draft lengths (the default; with --fixed: both)")
-    p.add_argument("--limit", type=int,
-                   help="first N prompts (default: 5 HumanEval prompts, all of --prompts)")
-    p.add_argument("--prompts", help=".jsonl/.json prompts file instead of HumanEval")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--draft-dtype", help="dtype of the draft models (default: --dtype)")
-    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
-                   help="quantize the target's linear layers (CPU int8 / int4 kernels)")
-    p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
-                   help="quantization of the draft models (default: --quantize)")
-    p.add_argument("--also-ar", action="append", default=[], metavar="VARIANT",
-                   help="an extra AR row of the target at another precision: DTYPE, QUANT "
-                        "or DTYPE+QUANT, +compile for a compiled decode step (e.g. bfloat16, "
-                        "int8, float32+int4, int8+compile); repeatable")
-    p.add_argument("--compile", dest="compile_mode", default="none", choices=COMPILE_MODES,
-                   help="torch.compile the one-token decode step of the drafts (draft) or of "
-                        "every model (all); the untimed warm-up takes the compile")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--peer", action="append", default=[], choices=PEERS,
-                   help="add a peer's rows to the same run: hf (transformers' plain and "
-                        "assisted generation), llama.cpp (llama-cpp-python on the same GGUF); "
-                        "repeatable")
-    p.add_argument("--out", default="bench-results", help="folder for JSON, markdown, PNG")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    add_flags(p, BenchOptions, "options")
+    add_flags(p, LoadOptions, "load_options", helps={
+        "quantize": "quantize the target's linear layers (CPU int8 / int4 kernels)",
+        "compile_mode": "torch.compile the one-token decode step of the drafts (draft) or of "
+                        "every model (all); the untimed warm-up takes the compile",
+    })
     p.set_defaults(func=cmd_bench)

@@ -1,4 +1,5 @@
-"""One benchmark row: what was run (`BenchConfig`) and what it measured (`BenchRow`).
+"""What a benchmark is asked to run (`BenchOptions`), each row of it (`BenchConfig`), and
+what a row measured (`BenchRow`).
 
 Shared by the bench command and the peer baselines (HF transformers, llama.cpp), which
 report their rows in the same form.
@@ -6,8 +7,16 @@ report their rows in the same form.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from draftlm.errors import DraftlmError
+from draftlm.load import DTYPES
+from draftlm.options import DraftOptions, check_confidence, check_dtype, check_quantize, flag
+from draftlm.quant.layers import QUANTIZE_MODES
+
+PEERS = ("hf", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,175 @@ class BenchConfig:
         """The line this row belongs to in the plot (one per drafter and policy)."""
         policy = "adaptive" if self.adaptive else "fixed"
         return f"{self.kind} {self.source} {policy}{self._confidence}"
+
+    def draft_options(self, draft_dtype: str | None = None,
+                      draft_quantize: str | None = None) -> DraftOptions:
+        """The drafter of one of our speculative rows (draft, ngram, cross)."""
+        if self.kind not in ("draft", "ngram", "cross"):
+            raise ValueError(f"a {self.kind} row has no drafter of ours")
+        return DraftOptions(
+            draft=None if self.kind == "ngram" else self.source,
+            ngram=int(str(self.source)) if self.kind == "ngram" else None,
+            num_draft_tokens=self.num_draft_tokens, adaptive=self.adaptive,
+            draft_dtype=draft_dtype, draft_quantize=draft_quantize,
+            cross_tokenizer=self.kind == "cross", min_confidence=self.min_confidence,
+        )
+
+
+def plan(
+    drafts: Sequence[str], ngrams: Sequence[int], cross_drafts: Sequence[str],
+    ks: Sequence[int], policies: Sequence[bool], confidences: Sequence[float] = (),
+) -> list[BenchConfig]:
+    """AR first (the baseline), then every drafter x k x policy (x each confidence
+    threshold, and none, for draft models)."""
+    configs = [BenchConfig("ar")]
+    sources = [("draft", d) for d in drafts] + [("ngram", str(n)) for n in ngrams]
+    sources += [("cross", d) for d in cross_drafts]
+    for kind, source in sources:
+        thresholds = [None, *confidences] if kind == "draft" else [None]
+        for threshold in thresholds:
+            for adaptive in policies:
+                configs += [BenchConfig(kind, source, k, adaptive, threshold) for k in ks]
+    return configs
+
+
+@dataclass(frozen=True)
+class ARVariant:
+    """An extra AR row of the target: its dtype, quantization, and compiled decode step."""
+
+    dtype: str
+    quantize: str = "none"
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.dtype] + [self.quantize] * (self.quantize != "none")
+        return "+".join(parts + ["compile"] * self.compiled)
+
+
+def parse_variant(variant: str, default_dtype: str) -> ARVariant:
+    """`bfloat16`; `int8` (default dtype); `float32+int4`; `int8+compile` (compiled step)."""
+    dtype, quantize, compiled = default_dtype, "none", False
+    for part in variant.split("+"):
+        if part in QUANTIZE_MODES:
+            quantize = part
+        elif part in DTYPES or part == "auto":
+            dtype = part
+        elif part == "compile":
+            compiled = True
+        else:
+            raise DraftlmError(f"--also-ar {variant!r}: {part!r} is neither a dtype "
+                               f"({', '.join(DTYPES)}), a quantization "
+                               f"({', '.join(QUANTIZE_MODES)}) nor 'compile'")
+    return ARVariant(dtype, quantize, compiled)
+
+
+def parse_ks(k: str | Sequence[int]) -> list[int]:
+    try:
+        ks = [int(x) for x in k.split(",")] if isinstance(k, str) else [int(x) for x in k]
+    except ValueError as err:
+        raise DraftlmError(f"--k takes comma-separated integers, got {k!r}") from err
+    if not ks or min(ks) < 1:
+        raise DraftlmError(f"draft lengths must be >= 1, got {k!r}")
+    return ks
+
+
+@dataclass
+class BenchOptions:
+    """What `draftlm bench` runs beside plain decoding of the target: which drafters at
+    which draft lengths, on which prompts, and which extra rows (AR at other precisions,
+    peers). How the target loads is `LoadOptions`."""
+
+    drafts: Sequence[str] = field(default=(), metadata=flag("--draft", action="append"))
+    """draft model (repeatable)"""
+    ngrams: Sequence[int] = field(default=(), metadata=flag("--ngram", action="append",
+                                                             type=int))
+    """prompt-lookup drafting with this n-gram size (repeatable)"""
+    cross_drafts: Sequence[str] = field(default=(), metadata=flag("--cross-draft",
+                                                                   action="append"))
+    """draft model with another tokenizer (repeatable)"""
+    draft_lengths: str | Sequence[int] = field(default="1,3,5,8", metadata=flag("--k"))
+    """draft lengths, comma-separated (a tuple of ints once checked)"""
+    fixed: bool = False
+    """run fixed draft lengths"""
+    adaptive: bool = False
+    """run adaptive draft lengths (the default; with --fixed: both)"""
+    draft_confidences: Sequence[float] = field(default=(), metadata=flag(
+        "--draft-confidence", action="append", type=float, metavar="P"))
+    """also run each --draft stopping its draft once the draft's top probability falls
+    under P (repeatable)"""
+    limit: int | None = field(default=None, metadata=flag(type=int))
+    """first N prompts (default: 5 HumanEval prompts, all of --prompts)"""
+    prompts: str | None = None
+    """.jsonl/.json prompts file instead of HumanEval"""
+    max_new_tokens: int = field(default=128, metadata=flag(type=int))
+    """new tokens per prompt"""
+    temperature: float = field(default=0.0, metadata=flag(type=float))
+    """0 = greedy"""
+    seed: int = field(default=0, metadata=flag(type=int))
+    """sampling seed of every row"""
+    draft_dtype: str | None = None
+    """dtype of the draft models (default: --dtype)"""
+    draft_quantize: str | None = field(default=None, metadata=flag(choices=QUANTIZE_MODES))
+    """quantization of the draft models (default: --quantize)"""
+    also_ar: Sequence[str] = field(default=(), metadata=flag(action="append",
+                                                             metavar="VARIANT"))
+    """an extra AR row of the target at another precision: DTYPE, QUANT or DTYPE+QUANT,
+    +compile for a compiled decode step (e.g. bfloat16, int8, float32+int4, int8+compile);
+    repeatable"""
+    peers: Sequence[str] = field(default=(), metadata=flag("--peer", action="append",
+                                                           choices=PEERS))
+    """add a peer's rows to the same run: hf (transformers' plain and assisted generation),
+    llama.cpp (llama-cpp-python on the same GGUF); repeatable"""
+    out: str = "bench-results"
+    """folder for JSON, markdown, PNG"""
+    threads: int | None = field(default=None, metadata=flag(type=int))
+    """torch intra-op threads (default: torch's)"""
+
+    def __post_init__(self) -> None:
+        # Flags arrive as lists, Python callers may pass tuples: the same options compare
+        # equal either way.
+        self.draft_lengths = tuple(parse_ks(self.draft_lengths))
+        for name in ("drafts", "ngrams", "cross_drafts", "draft_confidences", "also_ar",
+                     "peers"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for threshold in self.draft_confidences:
+            check_confidence(threshold)
+        if self.draft_confidences and not self.drafts:
+            raise DraftlmError("--draft-confidence needs a draft model (--draft)")
+        if self.max_new_tokens < 1:
+            raise DraftlmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise DraftlmError(f"--threads must be >= 1, got {self.threads}")
+        for name in self.peers:
+            if name not in PEERS:
+                raise DraftlmError(f"--peer takes {' or '.join(PEERS)}, got {name!r}")
+        check_dtype(self.draft_dtype, "--draft-dtype")
+        check_quantize(self.draft_quantize, "--draft-quantize")
+        for variant in self.also_ar:
+            parse_variant(variant, "auto")
+        # Each drafter row's own checks (n-gram size ...), before the first (long) run.
+        for config in self.configs()[1:]:
+            config.draft_options(self.draft_dtype, self.draft_quantize)
+
+    @property
+    def draft_models(self) -> list[str]:
+        """Every draft model to load once: same-tokenizer and cross-tokenizer ones."""
+        return list(dict.fromkeys([*self.drafts, *self.cross_drafts]))
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """5 HumanEval prompts by default, every prompt of a --prompts file."""
+        return 5 if self.limit is None and self.prompts is None else self.limit
+
+    @property
+    def policies(self) -> list[bool]:
+        """Adaptive (True) unless only --fixed, both with --fixed --adaptive."""
+        return [True] * (self.adaptive or not self.fixed) + [False] * self.fixed
+
+    def configs(self) -> list[BenchConfig]:
+        return plan(self.drafts, self.ngrams, self.cross_drafts, self.draft_lengths,
+                    self.policies, self.draft_confidences)
 
 
 @dataclass

@@ -33,15 +33,10 @@ from draftlm.errors import DraftlmError
 from draftlm.eval import eval_subparsers
 from draftlm.eval.sandbox import SandboxLimits, SandboxResult, run_program
 from draftlm.generate import generate
-from draftlm.load import LM, load
-from draftlm.options import (
-    add_confidence_flag,
-    add_load_flags,
-    check_compile_mode,
-)
+from draftlm.load import LM
+from draftlm.options import LOAD_DEFAULTS, NO_DRAFTER, DraftOptions, LoadOptions, add_flags
 from draftlm.output import GenerationResult
-from draftlm.quant.layers import QUANTIZE_MODES
-from draftlm.speculative import drafter_from_flags
+from draftlm.speculative.factory import load_with_drafter
 
 # Chen et al. 2021 (Codex), plus the markdown fence and decorators small models emit.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nif", "\nprint", "\nassert", "\n```")
@@ -332,57 +327,43 @@ def run(
 
 def cmd_humaneval(
     model: str,
-    draft: str | None = None,
     limit: int | None = None,
     samples: int = 1,
     temperature: float = 0.0,
     max_new_tokens: int = 512,
     out: str | None = None,
     check_draft: bool = False,
-    ngram: int | None = None,
     compare: str | None = None,
     seed: int = 0,
     workers: int | None = None,
     timeout_s: float = 10.0,
-    num_draft_tokens: int = 5,
-    dtype: str = "auto",
-    device: str = "cpu",
-    quantize: str = "none",
-    draft_quantize: str | None = None,
     problems_file: str | None = None,
     resume: bool = False,
-    compile_mode: str = "none",
-    min_confidence: float | None = None,
+    load_options: LoadOptions = LOAD_DEFAULTS,
+    draft_options: DraftOptions = NO_DRAFTER,
 ) -> dict[str, Any]:
-    """`draftlm eval humaneval`: score `model` (optionally with a draft) on HumanEval."""
-    speculative = draft is not None or ngram is not None
+    """`draftlm eval humaneval`: score `model` (optionally with a drafter) on HumanEval."""
+    speculative = draft_options.speculative
     if check_draft and not speculative:
         raise DraftlmError("--check-draft needs --draft or --ngram")
-    if draft is not None and ngram is not None:
-        raise DraftlmError("pass --draft or --ngram, not both")
     if (check_draft or compare is not None) and temperature != 0:
         raise DraftlmError("only greedy runs (--temperature 0) must give equal answers; "
                            "drop --check-draft/--compare or the temperature")
-    check_compile_mode(compile_mode, draft, min_confidence)
     problems = load_problems(problems_file, limit)
     # Read now: a bad --compare file must fail before an hour of decoding, not after it.
     previous = read_samples(compare) if compare is not None else None
-    lm = load(model, dtype=dtype, device=device, quantize=quantize,
-              compile_step=compile_mode == "all")
+    # The drafter loads now too: a bad --draft fails before the plain run, not after it.
+    lm, drafter = load_with_drafter(model, load_options, draft_options)
     folder = Path(out) if out else Path("runs") / "humaneval" / lm.name.replace("/", "_")
     limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
     common = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                   seed=seed, limits=limits, workers=workers, resume=resume)
-    report: dict[str, Any] = {"model": lm.name, "draft": draft, "ngram": ngram,
-                              "quantize": quantize}
+    report: dict[str, Any] = {"model": lm.name, "draft": draft_options.draft,
+                              "ngram": draft_options.ngram, "quantize": load_options.quantize}
     plain: list[Sample] | None = None
     if not speculative or check_draft:
         report["target"], plain = run(lm, problems, folder, name="samples", **common)
-    if speculative:
-        drafter = drafter_from_flags(lm, draft, ngram, num_draft_tokens, True, dtype,
-                                     quantize=quantize, draft_quantize=draft_quantize,
-                                     device=device, compile_mode=compile_mode,
-                                     min_confidence=min_confidence)
+    if drafter is not None:
         report["with_draft"], drafted = run(lm, problems, folder, name="samples-draft",
                                             drafter=drafter, **common)
         if plain is not None:
@@ -403,26 +384,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = eval_subparsers(subparsers).add_parser(
         "humaneval", help="HumanEval pass@k with sandboxed execution")
     p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
-    p.add_argument("--draft", help="draft model: speculative decoding")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--samples", type=int, default=1, help="completions per problem (k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", help="output folder (default runs/humaneval/MODEL)")
-    p.add_argument("--ngram", type=int,
-                   help="prompt-lookup drafting with n-grams of this size (instead of --draft)")
     p.add_argument("--check-draft", action="store_true",
                    help="decode with and without --draft/--ngram; compare the completions")
     p.add_argument("--compare", help="samples.jsonl of an earlier run to compare against")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="programs run at once (default: CPU count)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="per-program time limit")
-    p.add_argument("--num-draft-tokens", type=int, default=5)
-    add_load_flags(p)
-    p.add_argument("--draft-quantize", choices=QUANTIZE_MODES,
-                   help="quantization of the draft model (default: --quantize)")
-    add_confidence_flag(p)
     p.add_argument("--problems-file", help="HumanEval-format JSONL(.gz) instead of the package's")
     p.add_argument("--resume", action="store_true",
                    help="keep the completions already in --out (same settings) and go on")
+    add_flags(p, LoadOptions, "load_options")
+    add_flags(p, DraftOptions, "draft_options")
     p.set_defaults(func=cmd_humaneval)

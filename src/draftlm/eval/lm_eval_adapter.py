@@ -36,7 +36,8 @@ from draftlm.eval import eval_subparsers
 from draftlm.eval.perplexity import context_prefix
 from draftlm.generate import generate
 from draftlm.load import load
-from draftlm.speculative import drafter_from_flags
+from draftlm.options import DraftOptions, LoadOptions
+from draftlm.speculative.factory import drafter_from_flags
 
 MODEL_NAME = "draftlm"
 DEFAULT_MAX_LENGTH = 4096
@@ -79,9 +80,10 @@ def adapter_class() -> type:
             super().__init__()
             if (model is None) == (lm is None):
                 raise DraftlmError("pass exactly one of model=NAME (model_args) or lm=LM")
-            device = _resolve_device(device)
+            load_options = LoadOptions(dtype=dtype, device=_resolve_device(device))
+            draft_options = DraftOptions(draft=draft)  # checked before anything loads
             if lm is None:
-                lm = load(model, dtype=dtype, device=device)
+                lm = load(model, dtype=load_options.dtype, device=load_options.device)
             self.lm = lm
             self.batch_size = _batch_size(batch_size)
             self.max_length = int(max_length or min(lm.config.max_seq_len, DEFAULT_MAX_LENGTH))
@@ -90,7 +92,7 @@ def adapter_class() -> type:
                                    f"{lm.config.max_seq_len}")
             self.max_gen_toks = int(max_gen_toks)
             self.add_bos = lm.tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
-            self.drafter = drafter_from_flags(lm, draft, None, 5, True, dtype, device=device)
+            self.drafter = drafter_from_flags(lm, draft_options, load_options)
 
         @property
         def eot_token_id(self) -> int:

@@ -34,7 +34,10 @@ from draftlm.errors import DraftlmError
 from draftlm.eval import eval_subparsers
 from draftlm.load import LM, load
 from draftlm.model import Transformer
-from draftlm.options import add_load_flags
+from draftlm.options import LoadOptions, add_flags
+
+# Scores in float32 unless told otherwise: a score should not depend on the machine's dtype.
+FLOAT32 = LoadOptions(dtype="float32")
 
 
 @dataclass
@@ -116,17 +119,15 @@ def cmd_perplexity(
     max_seq_len: int = 1024,
     stride: int = 512,
     out: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    quantize: str = "none",
+    load_options: LoadOptions = FLOAT32,
 ) -> dict[str, Any]:
     """`draftlm eval perplexity`: perplexity and bits-per-byte of `model` on `files`."""
-
     paths = [Path(f) for f in files]
     for path in paths:
         if not path.is_file():
             raise DraftlmError(f"no file {path}; pass text files to score")
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    lm = load(model, dtype=load_options.dtype, device=load_options.device,
+              quantize=load_options.quantize)
     check_window(max_seq_len, stride, lm.config.max_seq_len)
     start = time.perf_counter()
     scores = []
@@ -163,5 +164,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per window")
     p.add_argument("--stride", type=int, default=512, help="new tokens scored per window")
     p.add_argument("--out", help="write the report (with per-file figures) to this JSON file")
-    add_load_flags(p, dtype="float32", compile_flag=False)
+    add_flags(p, LoadOptions, "load_options", defaults={"dtype": FLOAT32.dtype},
+              skip=("compile_mode",))
     p.set_defaults(func=cmd_perplexity)

@@ -32,37 +32,22 @@ import os
 import sys
 
 from draftlm.errors import DraftlmError
-from draftlm.load import load
-from draftlm.options import (
-    add_draft_flags,
-    add_load_flags,
-    check_compile_mode,
-)
+from draftlm.options import LOAD_DEFAULTS, NO_DRAFTER, DraftOptions, LoadOptions, add_flags
 from draftlm.serving import DEFAULT_MAX_BODY_BYTES
-from draftlm.speculative import drafter_from_flags
+from draftlm.speculative.factory import load_with_drafter
 
 
 def serve(
     model: str,
-    draft: str | None = None,
-    ngram: int | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    quantize: str = "none",
-    num_draft_tokens: int = 5,
-    adaptive: bool = True,
-    draft_dtype: str | None = None,
-    draft_quantize: str | None = None,
-    cross_tokenizer: bool = False,
     max_queue: int = 64,
     max_tokens_limit: int = 1024,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     shutdown_timeout_s: int = 30,
-    compile_mode: str = "none",
-    min_confidence: float | None = None,
+    load_options: LoadOptions = LOAD_DEFAULTS,
+    draft_options: DraftOptions = NO_DRAFTER,
 ) -> None:
     """Load `model` (and a drafter when asked) and serve it until interrupted.
 
@@ -82,13 +67,7 @@ def serve(
     if not is_loopback(host) and api_key is None:
         print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
               "can reach this port can use the model", file=sys.stderr)
-    check_compile_mode(compile_mode, draft, min_confidence)
-    lm = load(model, dtype=dtype, device=device, quantize=quantize,
-              compile_step=compile_mode == "all")
-    drafter = drafter_from_flags(
-        lm, draft, ngram, num_draft_tokens, adaptive, dtype, draft_dtype, quantize,
-        draft_quantize, device, cross_tokenizer, compile_mode, min_confidence,
-    )
+    lm, drafter = load_with_drafter(model, load_options, draft_options)
     app = build_app(lm, drafter, api_key=api_key, max_queue=max_queue,
                     max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
@@ -110,8 +89,8 @@ def is_loopback(host: str) -> bool:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model behind an OpenAI-compatible API")
     p.add_argument("--model", required=True, help="registry name, .gguf file or HF folder")
-    add_load_flags(p)
-    add_draft_flags(p)
+    add_flags(p, LoadOptions, "load_options")
+    add_flags(p, DraftOptions, "draft_options")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "

@@ -1,5 +1,6 @@
-"""The drafter a command's flags ask for: a draft model (same or another tokenizer) or
-prompt lookup, checked before anything slow happens."""
+"""The drafter that `DraftOptions` ask for: a draft model (same or another tokenizer) or
+prompt lookup. Every command builds its drafter here, so a draft model loads, and its
+tokenizer is checked against the target's, in one way only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from draftlm.errors import DraftlmError
 from draftlm.load import LM, load
-from draftlm.options import check_confidence
+from draftlm.options import LOAD_DEFAULTS, DraftOptions, LoadOptions
 from draftlm.speculative.drafters import (
     CrossTokenizerDrafter,
     Drafter,
@@ -15,6 +16,46 @@ from draftlm.speculative.drafters import (
     NgramDrafter,
     vocab_compatible,
 )
+
+
+def load_with_drafter(
+    model: str, load_options: LoadOptions, draft_options: DraftOptions
+) -> tuple[LM, Drafter | None]:
+    """Load the target and the drafter the options ask for (None: plain decoding).
+
+    `--compile draft` without a draft model fails before either loads."""
+    load_options.check_draft_model(draft_options.draft)
+    lm = load(model, dtype=load_options.dtype, device=load_options.device,
+              quantize=load_options.quantize, compile_step=load_options.compile_target)
+    return lm, drafter_from_flags(lm, draft_options, load_options)
+
+
+def drafter_from_flags(
+    lm: LM,
+    draft_options: DraftOptions,
+    load_options: LoadOptions = LOAD_DEFAULTS,
+    draft_lm: LM | None = None,
+) -> Drafter | None:
+    """The drafter `draft_options` ask for, or None for plain decoding.
+
+    A draft model loads like the target (`load_options`) unless the options give it its
+    own dtype or quantization; `draft_lm` passes one already loaded (benchmarks reuse one
+    across configurations). A draft whose vocabulary is not the target's needs
+    `cross_tokenizer`."""
+    if draft_options.ngram is not None:
+        return NgramDrafter(draft_options.ngram, draft_options.num_draft_tokens,
+                            draft_options.adaptive)
+    if draft_options.draft is None:
+        return None
+    if draft_lm is None:
+        draft_lm = load_draft_model(draft_options.draft, load_options,
+                                    draft_options.draft_dtype, draft_options.draft_quantize)
+    if draft_options.cross_tokenizer:
+        return CrossTokenizerDrafter(draft_lm, lm, draft_options.num_draft_tokens,
+                                     draft_options.adaptive)
+    check_same_tokenizer(lm, draft_lm, "--cross-tokenizer")
+    return ModelDrafter(draft_lm, lm, draft_options.num_draft_tokens, draft_options.adaptive,
+                        draft_options.min_confidence)
 
 
 def build_drafter(
@@ -31,34 +72,42 @@ def build_drafter(
     quantize: str = "none",
     compile_step: bool = False,
 ) -> Drafter:
-    """The drafter the CLI flags ask for: `draft` (a model name/path) or `ngram` (size).
+    """A drafter from keyword arguments, for Python callers: `draft` (a model name/path),
+    `draft_lm` (a loaded draft model) or `ngram` (size), checked as `DraftOptions` are.
 
-    A draft whose vocabulary is not the target's needs `cross_tokenizer`; `draft_lm`
-    passes an already loaded draft (benchmarks reuse one across configurations)."""
-    if num_draft_tokens < 1:
-        raise DraftlmError(f"the number of draft tokens must be >= 1, got {num_draft_tokens}")
+    `dtype`, `device`, `quantize` and `compile_step` say how `draft` loads."""
     if (draft is None and draft_lm is None) == (ngram is None):
         raise DraftlmError("speculative decoding needs exactly one of --draft or --ngram")
-    if min_confidence is not None:
-        check_confidence(min_confidence)
-        if ngram is not None or cross_tokenizer:
-            raise DraftlmError("--draft-confidence applies to a draft model with the target's "
-                               "tokenizer (--draft), not to --ngram or cross-tokenizer drafts")
-    if ngram is not None:
-        if ngram < 1:
-            raise DraftlmError(f"--ngram must be >= 1, got {ngram}")
-        return NgramDrafter(ngram, num_draft_tokens, adaptive)
-    if draft_lm is None:
-        draft_lm = load_draft(str(draft), dtype, device, quantize, compile_step)
-    if cross_tokenizer:
-        return CrossTokenizerDrafter(draft_lm, lm, num_draft_tokens, adaptive)
+    options = DraftOptions(
+        draft=draft_lm.name if draft_lm is not None else draft, ngram=ngram,
+        num_draft_tokens=num_draft_tokens, adaptive=adaptive, cross_tokenizer=cross_tokenizer,
+        min_confidence=min_confidence,
+    )
+    load_options = LoadOptions(dtype="auto" if dtype is None else dtype, device=device,
+                               quantize=quantize, compile_mode="draft" if compile_step else "none")
+    drafter = drafter_from_flags(lm, options, load_options, draft_lm=draft_lm)
+    assert drafter is not None  # a draft or an n-gram size was given
+    return drafter
+
+
+def check_same_tokenizer(lm: LM, draft_lm: LM, remedy: str) -> None:
+    """A draft model proposes the target's token ids only if it shares its vocabulary;
+    `remedy` is the flag that drafts through text instead."""
     if not vocab_compatible(lm.tokenizer, draft_lm.tokenizer):
         raise DraftlmError(
             f"draft {draft_lm.name} has another tokenizer than target {lm.name} "
             f"({draft_lm.tokenizer.vocab_size} vs {lm.tokenizer.vocab_size} tokens); "
-            "use cross-tokenizer drafting (--cross-tokenizer)"
+            f"use cross-tokenizer drafting ({remedy})"
         )
-    return ModelDrafter(draft_lm, lm, num_draft_tokens, adaptive, min_confidence)
+
+
+def load_draft_model(draft: str, load_options: LoadOptions, dtype: str | None = None,
+                     quantize: str | None = None) -> LM:
+    """A draft model on the target's device, in the target's dtype and quantization unless
+    `dtype` / `quantize` say otherwise, its step compiled under --compile draft or all."""
+    return load_draft(draft, load_options.dtype if dtype is None else dtype,
+                      load_options.device, load_options.quantize if quantize is None else quantize,
+                      compile_step=load_options.compile_drafts)
 
 
 def load_draft(
@@ -71,30 +120,3 @@ def load_draft(
                     compile_step=compile_step)
     except (DraftlmError, OSError, ValueError, KeyError) as err:
         raise DraftlmError(f"cannot load draft model {draft!r}: {err}") from err
-
-
-def drafter_from_flags(
-    lm: LM,
-    draft: str | None,
-    ngram: int | None,
-    num_draft_tokens: int = 5,
-    adaptive: bool = True,
-    dtype: str = "auto",
-    draft_dtype: str | None = None,
-    quantize: str = "none",
-    draft_quantize: str | None = None,
-    device: str = "cpu",
-    cross_tokenizer: bool = False,
-    compile_mode: str = "none",
-    min_confidence: float | None = None,
-) -> Drafter | None:
-    """The drafter the flags ask for, or None for plain decoding (commands check
-    `compile_mode` and `min_confidence` with `check_compile_mode` before loading anything)."""
-    if draft is None and ngram is None:
-        return None
-    return build_drafter(
-        lm, draft=draft, ngram=ngram, num_draft_tokens=num_draft_tokens, adaptive=adaptive,
-        dtype=draft_dtype or dtype, device=device, cross_tokenizer=cross_tokenizer,
-        quantize=draft_quantize or quantize, compile_step=compile_mode in ("draft", "all"),
-        min_confidence=min_confidence,
-    )
