@@ -280,6 +280,7 @@ def test_code_corpus_drops_by_rule_and_states_every_file(code: Path, tmp_path: P
 
     ledger = _ledger(out)
     assert ledger["solutions.py"]["humaneval"] == ["HumanEval/2"]
+    assert files["humaneval_matches"] == {"HumanEval/2": 1}
     assert ledger["pkg/zz_copy.py"]["duplicate_of"] == "pkg/mod03.py"
     assert ledger["pkg/zz_edited.py"]["near_duplicate_of"] == "pkg/mod04.py"
     assert ledger["latin1.py"]["dropped"] == "undecodable"
