@@ -36,7 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "draftlm.bench.command",
     "draftlm.data.prepare",
     "draftlm.data.tokenizer_train",
-    "draftlm.training.trainer",
+    "draftlm.training.command",
     "draftlm.eval.humaneval",
     "draftlm.eval.perplexity",
     "draftlm.eval.lm_eval_adapter",
