@@ -23,6 +23,7 @@ from draftlm.errors import DraftlmError
 from draftlm.generate import generate
 from draftlm.load import LM
 from draftlm.model import Transformer
+from draftlm.sampling import SamplingParams
 from draftlm.speculative import build_drafter, verify_draft
 from draftlm.speculative.drafters import (
     CrossTokenizerDrafter,
@@ -222,3 +223,32 @@ def test_build_drafter_errors_are_one_line(tmp_path) -> None:
         build_drafter(target, draft=str(broken))
     assert isinstance(build_drafter(target, draft_lm=noisy_copy(target)), ModelDrafter)
     assert isinstance(build_drafter(target, ngram=3), NgramDrafter)
+
+
+def test_truncated_head_draft_is_exact_and_proposes_only_its_tokens() -> None:
+    """A draft whose head covers some tokens (FR-Spec) drafts only those, and greedy
+    speculative output stays the target's own."""
+    from draftlm.training.draft import prune
+
+    target = no_eos_lm(seed=0)
+    plain = generate(target, PROMPT, max_new_tokens=24)
+    # The head holds most of what the target writes, not all of it (the first token of its
+    # answer is left out), and nothing else beyond the lower-case letters.
+    kept = set(plain.token_ids[1:]) - {plain.token_ids[0]}
+    ids = torch.tensor(sorted(kept | set(range(97, 123))))
+    draft_model = prune(noisy_copy(target, 0.05).model, None, ids)
+    draft = LM(draft_model.eval(), target.tokenizer, draft_model.config, "truncated")
+    drafter = ModelDrafter(draft, target, num_draft_tokens=4)
+    fast = generate(target, PROMPT, max_new_tokens=24, drafter=drafter)
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats["num_accepted"] > 0
+    with torch.inference_mode():
+        drafter.begin(target.tokenizer.encode(PROMPT), 256, torch.device("cpu"))
+        proposal = drafter.propose(target.tokenizer.encode(PROMPT), 4, SamplingParams(1.0),
+                                   torch.Generator().manual_seed(0))
+    assert set(proposal.tokens.tolist()) <= set(ids.tolist())
+    assert proposal.probs is not None
+    outside = torch.ones(256, dtype=torch.bool)
+    outside[ids] = False
+    assert proposal.probs[:, outside].sum() == 0
+    torch.testing.assert_close(proposal.probs.sum(-1), torch.ones(len(proposal)))

@@ -159,6 +159,8 @@ class ModelDrafter(Drafter):
         self.name = f"draft:{draft.name}"
         self.target_vocab_size = target.config.vocab_size
         self.draft_vocab_size = draft.config.vocab_size
+        # A truncated head (a draft trained for its target, FR-Spec): row i is this token.
+        self.head_token_ids = draft.model.head_token_ids
         # Stop drafting once the draft's top probability falls under this (None: never).
         self.min_confidence = min_confidence
         self._cached: list[int] = []  # tokens whose keys/values sit in the draft's cache
@@ -179,8 +181,12 @@ class ModelDrafter(Drafter):
         self._cached, self._uncommitted = [], None
 
     def _fit_vocab(self, logits: Tensor) -> Tensor:
-        """Draft logits over the target's vocabulary: extra ids cut, missing ids impossible."""
+        """Draft logits over the target's vocabulary: extra ids cut, missing ids impossible
+        (a truncated head's logits scattered to its tokens, the others impossible)."""
         v = self.target_vocab_size
+        if self.head_token_ids is not None:
+            full = logits.new_full((*logits.shape[:-1], self.draft_vocab_size), float("-inf"))
+            logits = full.index_copy(-1, self.head_token_ids, logits)
         if logits.shape[-1] > v:
             return logits[..., :v]
         if logits.shape[-1] < v:
