@@ -29,7 +29,7 @@ from draftlm.options import LOAD_DEFAULTS, LoadOptions, add_flags
 from draftlm.output import GenerationResult
 from draftlm.speculative.factory import (
     check_same_tokenizer,
-    drafter_from_flags,
+    drafter_from_options,
     load_draft_model,
 )
 
@@ -95,7 +95,7 @@ def run_bench(
     """Run our configurations; `draft_lms` maps draft sources to loaded models."""
     def make_drafter(config: BenchConfig) -> Any:
         draft_lm = draft_lms.get(config.source) if config.kind != "ngram" else None
-        return drafter_from_flags(lm, config.draft_options(), draft_lm=draft_lm)
+        return drafter_from_options(lm, config.draft_options(), draft_lm=draft_lm)
 
     prompt_ids = [lm.tokenizer.encode(p) for p in prompts]
     rows: list[BenchRow] = []

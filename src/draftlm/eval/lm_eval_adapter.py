@@ -37,7 +37,7 @@ from draftlm.eval.perplexity import context_prefix
 from draftlm.generate import generate
 from draftlm.load import load
 from draftlm.options import DraftOptions, LoadOptions
-from draftlm.speculative.factory import drafter_from_flags
+from draftlm.speculative.factory import drafter_from_options
 
 MODEL_NAME = "draftlm"
 DEFAULT_MAX_LENGTH = 4096
@@ -92,7 +92,7 @@ def adapter_class() -> type:
                                    f"{lm.config.max_seq_len}")
             self.max_gen_toks = int(max_gen_toks)
             self.add_bos = lm.tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
-            self.drafter = drafter_from_flags(lm, draft_options, load_options)
+            self.drafter = drafter_from_options(lm, draft_options, load_options)
 
         @property
         def eot_token_id(self) -> int:

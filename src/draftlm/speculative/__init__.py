@@ -13,11 +13,11 @@ from draftlm.speculative.drafters import (
     ModelDrafter,
     NgramDrafter,
 )
-from draftlm.speculative.factory import build_drafter, drafter_from_flags, load_draft
+from draftlm.speculative.factory import build_drafter, drafter_from_options, load_draft
 from draftlm.speculative.verify import acceptance_probability, verify_draft, verify_greedy
 
 __all__ = [
     "CrossTokenizerDrafter", "Draft", "Drafter", "ModelDrafter", "NgramDrafter",
-    "acceptance_probability", "build_drafter", "drafter_from_flags", "load_draft",
+    "acceptance_probability", "build_drafter", "drafter_from_options", "load_draft",
     "speculative_decode", "verify_draft", "verify_greedy",
 ]

@@ -27,10 +27,10 @@ def load_with_drafter(
     load_options.check_draft_model(draft_options.draft)
     lm = load(model, dtype=load_options.dtype, device=load_options.device,
               quantize=load_options.quantize, compile_step=load_options.compile_target)
-    return lm, drafter_from_flags(lm, draft_options, load_options)
+    return lm, drafter_from_options(lm, draft_options, load_options)
 
 
-def drafter_from_flags(
+def drafter_from_options(
     lm: LM,
     draft_options: DraftOptions,
     load_options: LoadOptions = LOAD_DEFAULTS,
@@ -85,7 +85,7 @@ def build_drafter(
     )
     load_options = LoadOptions(dtype="auto" if dtype is None else dtype, device=device,
                                quantize=quantize, compile_mode="draft" if compile_step else "none")
-    drafter = drafter_from_flags(lm, options, load_options, draft_lm=draft_lm)
+    drafter = drafter_from_options(lm, options, load_options, draft_lm=draft_lm)
     assert drafter is not None  # a draft or an n-gram size was given
     return drafter
 
