@@ -28,7 +28,7 @@ from draftlm.errors import DraftlmError
 from draftlm.load import DTYPES
 from draftlm.quant.layers import QUANTIZE_MODES
 
-# Which models get a compiled one-token step (`Transformer.compile_decode_step`). "draft"
+# Which models get a compiled one-token step (`compile.CompiledDecoder`). "draft"
 # keeps the target eager, so greedy speculative output stays bit-identical to eager AR;
 # "all" also speeds up the target's own AR decoding, whose logits then match eager ones to
 # float rounding only.
