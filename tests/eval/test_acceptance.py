@@ -166,11 +166,15 @@ def test_a_noisier_draft_agrees_less(target: LM) -> None:
     assert alphas[0] > alphas[1] > alphas[2]
 
 
-def test_decode_step_is_timed_and_the_cache_freed(target: LM) -> None:
-    seconds = decode_step_seconds(target.model, torch.tensor(target.tokenizer.encode(TEXT)[:20]),
-                                  num_steps=3, num_warmup=1)
-    assert 0 < seconds < 1
-    assert target.model.layers[0].self_attn.kv_cache is None
+def test_decode_steps_are_timed_and_the_caches_freed(target: LM) -> None:
+    big = make_tiny_lm(seed=4, n_layers=8, dim=256, n_heads=8, n_kv_heads=4,
+                       intermediate_size=1024)
+    ids = torch.tensor(target.tokenizer.encode(TEXT)[:20])
+    small_s, big_s = decode_step_seconds([target.model, big.model], [ids, ids], num_steps=5,
+                                         num_warmup=1)
+    assert 0 < small_s < big_s < 1  # four times the layers, each 16 times the weights
+    for model in (target.model, big.model):
+        assert model.layers[0].self_attn.kv_cache is None
 
 
 def test_report_over_files(target: LM, draft: LM) -> None:

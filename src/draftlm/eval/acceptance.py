@@ -125,30 +125,33 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def decode_step_seconds(model: Transformer, context_ids: Tensor, num_steps: int = 10,
-                        num_warmup: int = 3) -> float:
-    """Median wall time of the one-token cached decode step that feeds the last of
-    `context_ids` [T] after the others: the same position each time (rolled back in O(1)),
-    after `num_warmup` untimed steps."""
+def decode_step_seconds(models: Sequence[Transformer], contexts: Sequence[Tensor],
+                        num_steps: int = 10, num_warmup: int = 3) -> list[float]:
+    """Median wall time of each model's one-token cached decode step that feeds the last
+    of its context [T] after the others: the same position each time (rolled back in
+    O(1)), after `num_warmup` untimed steps. The models take turns step by step, so that a
+    machine busy with other work slows them alike and their ratio stays fair."""
     if num_steps < 1:
         raise DraftlmError(f"need at least one timed step, got {num_steps}")
-    n = context_ids.numel()
-    model.setup_cache(1, n)
+    times: list[list[float]] = [[] for _ in models]
     try:
-        model(context_ids[None, :-1], start_pos=0)
-        step = context_ids[None, -1:]
-        times = []
+        for model, ids in zip(models, contexts, strict=True):
+            model.setup_cache(1, ids.numel())
+            model(ids[None, :-1], start_pos=0)
         for i in range(num_warmup + num_steps):
-            model.rollback(n - 1)
-            synchronize(context_ids.device)
-            start = time.perf_counter()
-            model(step, start_pos=n - 1)
-            synchronize(context_ids.device)
-            if i >= num_warmup:
-                times.append(time.perf_counter() - start)
+            for model, ids, seconds in zip(models, contexts, times, strict=True):
+                n = ids.numel()
+                model.rollback(n - 1)
+                synchronize(ids.device)
+                start = time.perf_counter()
+                model(ids[None, -1:], start_pos=n - 1)
+                synchronize(ids.device)
+                if i >= num_warmup:
+                    seconds.append(time.perf_counter() - start)
     finally:
-        model.clear_cache()
-    return statistics.median(times)
+        for model in models:
+            model.clear_cache()
+    return [statistics.median(seconds) for seconds in times]
 
 
 @dataclass
@@ -274,17 +277,18 @@ def acceptance_report(target: LM, draft: LM, texts: Sequence[tuple[str, str]], w
     if timing_steps > 0:
         context = [prefix, *target.tokenizer.encode(texts[0][1], add_bos=False)]
         context = context[: min(timing_context, window)]
-        step_s = {}
-        for role, lm in (("target", target), ("draft", draft)):
+        contexts = []
+        for lm in (target, draft):
             ids = torch.tensor(context, device=lm.device)
-            ids = ids.masked_fill(ids >= lm.config.vocab_size, 0)
-            step_s[role] = decode_step_seconds(lm.model, ids, timing_steps)
-        cost = step_s["draft"] / step_s["target"]
+            contexts.append(ids.masked_fill(ids >= lm.config.vocab_size, 0))
+        target_s, draft_s = decode_step_seconds([target.model, draft.model], contexts,
+                                                timing_steps)
+        cost = draft_s / target_s
         speedups = {r: [expected_speedup(a, k, cost) for k in ks] for r, a in rates.items()}
         report |= {
             "timing_context": len(context),
-            "target_step_ms": round(1e3 * step_s["target"], 3),
-            "draft_step_ms": round(1e3 * step_s["draft"], 3),
+            "target_step_ms": round(1e3 * target_s, 3),
+            "draft_step_ms": round(1e3 * draft_s, 3),
             "cost_ratio": round(cost, 4),
             "speedup": {r: [round(s, 4) for s in v] for r, v in speedups.items()},
             "best_k": {r: ks[max(range(len(ks)), key=v.__getitem__)]
