@@ -28,6 +28,7 @@ from draftlm.eval.acceptance import (
 from draftlm.formats.hf import save_hf_folder
 from draftlm.load import LM
 from draftlm.speculative import acceptance_probability
+from draftlm.training.draft import prune
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5\n" * 4
 
@@ -107,6 +108,17 @@ def test_smaller_draft_vocabulary_is_zero_padded() -> None:
     assert fit_vocab(random_logits(2, 48, seed=11), 40).shape == (2, 40)
 
 
+def test_truncated_head_is_scattered_to_its_tokens() -> None:
+    target_logits, head_logits = random_logits(4, 40, seed=14), random_logits(4, 5, seed=15)
+    head_ids = torch.tensor([2, 7, 11, 30, 45])  # 45: a token the target lacks, cut
+    q = fit_vocab(head_logits, 40, head_ids).softmax(-1)
+    expected = torch.zeros(4, 40)
+    expected[:, head_ids[:4]] = head_logits[:, :4].softmax(-1)
+    torch.testing.assert_close(q, expected)
+    rates = position_acceptance(target_logits, head_logits, 1.0, head_ids)
+    torch.testing.assert_close(rates[:, 1], torch.minimum(target_logits.softmax(-1), q).sum(-1))
+
+
 def test_chunked_sums_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     target_logits, draft_logits = random_logits(37, 16, seed=12), random_logits(37, 16, seed=13)
     whole = position_acceptance(target_logits, draft_logits, 0.7).double().sum(0)
@@ -157,6 +169,20 @@ def test_windows_score_each_position_once(target: LM, draft: LM) -> None:
     torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-4)
     greedy, alpha, _ = (sums / len(ids)).tolist()
     assert 0 < alpha < 1 and 0 < greedy < 1
+
+
+def test_a_draft_with_the_targets_head_rows_agrees_fully(target: LM) -> None:
+    """A truncated head holding every row, shuffled, is the target again once its logits
+    are scattered back to their tokens."""
+    head_ids = torch.randperm(target.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    draft = prune(target.model, head_token_ids=head_ids)
+    ids = target.tokenizer.encode(TEXT)
+    sums = score_ids(target.model, draft, ids, window=64, temperature=0.7)
+    torch.testing.assert_close(sums, torch.full((3,), float(len(ids)), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-3)
+    # A head of a few frequent tokens agrees less than the whole one.
+    small = prune(target.model, head_token_ids=torch.arange(0, 256, 4))
+    assert float(score_ids(target.model, small, ids, 64, 1.0)[1]) < 0.9 * len(ids)
 
 
 def test_a_noisier_draft_agrees_less(target: LM) -> None:

@@ -55,10 +55,16 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 # ---- metrics: pure functions over logits ---------------------------------------------
-def fit_vocab(draft_logits: Tensor, vocab_size: int) -> Tensor:
+def fit_vocab(draft_logits: Tensor, vocab_size: int,
+              head_token_ids: Tensor | None = None) -> Tensor:
     """Draft logits over the target's `vocab_size` ids, as `ModelDrafter` drafts: ids the
     draft lacks get -inf (its probabilities padded with zeros), ids beyond the target's are
-    cut (the engine never proposes them)."""
+    cut (the engine never proposes them). A truncated head's column i is token
+    `head_token_ids[i]`."""
+    if head_token_ids is not None:
+        keep = head_token_ids < vocab_size
+        full = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy(-1, head_token_ids[keep], draft_logits[..., keep])
     v = draft_logits.shape[-1]
     if v > vocab_size:
         return draft_logits[..., :vocab_size]
@@ -75,11 +81,12 @@ def expected_acceptance(p: Tensor, q: Tensor) -> Tensor:
     return torch.minimum(p, q).sum(-1)
 
 
-def position_acceptance(target_logits: Tensor, draft_logits: Tensor,
-                        temperature: float) -> Tensor:
+def position_acceptance(target_logits: Tensor, draft_logits: Tensor, temperature: float,
+                        head_token_ids: Tensor | None = None) -> Tensor:
     """[..., 3] per position: greedy match (0/1), alpha at temperature 1, alpha at
-    `temperature` (p and q both at it; 0 is greedy, where alpha is the greedy match)."""
-    draft_logits = fit_vocab(draft_logits, target_logits.shape[-1])
+    `temperature` (p and q both at it; 0 is greedy, where alpha is the greedy match).
+    `head_token_ids`: the draft's truncated head (see `fit_vocab`)."""
+    draft_logits = fit_vocab(draft_logits, target_logits.shape[-1], head_token_ids)
     p, q = target_logits.float().softmax(-1), draft_logits.float().softmax(-1)
     greedy = (p.argmax(-1) == q.argmax(-1)).float()
     alpha = expected_acceptance(p, q)
@@ -90,15 +97,16 @@ def position_acceptance(target_logits: Tensor, draft_logits: Tensor,
     return torch.stack((greedy, alpha, alpha_t), dim=-1)
 
 
-def acceptance_sums(target_logits: Tensor, draft_logits: Tensor,
-                    temperature: float) -> Tensor:
+def acceptance_sums(target_logits: Tensor, draft_logits: Tensor, temperature: float,
+                    head_token_ids: Tensor | None = None) -> Tensor:
     """`position_acceptance` summed over the positions of [T, V] logits: float64 [3], on
     their device (no host sync), computed a chunk of rows at a time."""
     rows = max(1, CHUNK_ELEMENTS // target_logits.shape[-1])
     total = torch.zeros(len(RATES), dtype=torch.float64, device=target_logits.device)
     for start in range(0, target_logits.shape[0], rows):
         per_position = position_acceptance(target_logits[start : start + rows],
-                                           draft_logits[start : start + rows], temperature)
+                                           draft_logits[start : start + rows], temperature,
+                                           head_token_ids)
         total += per_position.sum(0, dtype=torch.float64)
     return total
 
@@ -183,7 +191,8 @@ def score_ids(target: Transformer, draft: Transformer, ids: Sequence[int], windo
         end = min(start + window, len(ids))
         target_logits = target(seq[None, start:end])[0]
         draft_logits = draft(draft_seq[None, start:end])[0]
-        total += acceptance_sums(target_logits, draft_logits, temperature)
+        total += acceptance_sums(target_logits, draft_logits, temperature,
+                                 draft.head_token_ids)
         if progress is not None and task is not None:
             progress.advance(task, end - start)
     if progress is not None and task is not None:
