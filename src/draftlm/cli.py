@@ -39,6 +39,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "draftlm.training.command",
     "draftlm.eval.humaneval",
     "draftlm.eval.perplexity",
+    "draftlm.eval.acceptance",
     "draftlm.eval.lm_eval_adapter",
     "draftlm.serving.command",
 )
