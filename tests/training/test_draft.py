@@ -115,6 +115,22 @@ def test_ce_baseline_trains_on_the_same_windows(shards, tmp_path) -> None:
     assert len(losses(tmp_path / "ce")) == 6
 
 
+def test_frozen_embeddings_stay_as_the_sibling_has_them(shards, tmp_path) -> None:
+    summary = train(draft_config(shards, tmp_path / "frozen", freeze_embeddings=True,
+                                 export=True, max_steps=4), progress=False)
+    draft = load(summary["export"], dtype="float32")
+    sibling = load(str(shards["sibling"]), dtype="float32")
+    assert torch.equal(draft.model.embed_tokens.weight, sibling.model.embed_tokens.weight)
+    assert not torch.equal(draft.model.layers[0].mlp.up_proj.weight,
+                           sibling.model.layers[0].mlp.up_proj.weight)
+    tied = make_tiny_lm(seed=5, tie_embeddings=True)
+    save_hf_folder(tmp_path / "tied-sibling", tied.config, tied.model, tied.tokenizer)
+    with pytest.raises(DraftlmError, match="untied head"):
+        train(draft_config(shards, tmp_path / "tied", init=str(tmp_path / "tied-sibling"),
+                           freeze_embeddings=True, head_vocab_size=None, init_layers=None),
+              progress=False)
+
+
 def test_stop_and_resume_gives_the_uninterrupted_losses(shards, tmp_path) -> None:
     train(draft_config(shards, tmp_path / "straight", max_steps=8), progress=False)
     train(draft_config(shards, tmp_path / "cut", max_steps=8), stop_at=4, progress=False)

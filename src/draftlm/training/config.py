@@ -58,6 +58,7 @@ class TrainConfig:
     distill_loss: str = "fkl"  # fkl | tvd | ce (ce: the data's next tokens, the baseline)
     init_layers: list[int] | None = None  # keep only these blocks of `init` (pruning)
     head_vocab_size: int | None = None  # truncated head over the most frequent tokens
+    freeze_embeddings: bool = False  # keep the input embedding as `init` has it
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -106,6 +106,15 @@ class Trainer:
         self.model, self.tokenizer = initial_model(cfg, data_tokenizer)
         if cfg.init_layers is not None or cfg.head_vocab_size is not None:
             self.model = shape_draft(self.model, cfg, self.loader)
+        if cfg.freeze_embeddings:
+            # A draft's embedding is its sibling's, already trained on the target's
+            # tokenizer; frozen, it needs no gradient or optimizer state (a 151,936-token
+            # table is most of a small draft's parameters). A tied head stays trainable
+            # through the shared weight, so tying and freezing exclude each other.
+            if self.model.config.tie_embeddings:
+                raise DraftlmError("freeze_embeddings needs an untied head (a tied head "
+                                   "shares the embedding's weight)")
+            self.model.embed_tokens.weight.requires_grad_(False)
         self.config = self.model.config
         check_fits(cfg, self.loader, self.config)
         self.model.train().to(info.device)
