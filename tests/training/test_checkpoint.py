@@ -153,3 +153,21 @@ def test_export_checkpoint_as_hf_folder(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(lm.model(ids), model.eval()(ids))
     assert lm.tokenizer.encode("ab") == [97, 98]
+
+
+def test_debris_of_interrupted_saves_is_removed(tmp_path: Path) -> None:
+    """What a save or a deletion killed midway leaves (`.step-*.tmp-*`, `.step-*.trash-*`)
+    goes with the next save; other hidden files stay."""
+    from draftlm.training.checkpoint import remove_stale
+
+    model, optimizer = _trained(False)
+    root = tmp_path / "ck"
+    for name in (".step-000004.tmp-1a2b3c4d", ".step-000002.trash-deadbeef"):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"partial")
+    (root / ".keep").mkdir()
+    save_checkpoint(root, 5, model, optimizer, {"identity": {}}, False, True, 2)
+    assert sorted(p.name for p in root.iterdir()) == [".keep", "step-000005"]
+    (root / ".step-000006.tmp-0f0f0f0f").mkdir()
+    assert [p.name for p in remove_stale(root)] == [".step-000006.tmp-0f0f0f0f"]
+    assert remove_stale(tmp_path / "absent") == []

@@ -50,6 +50,7 @@ from draftlm.training.config import TrainConfig
 from draftlm.training.distributed import barrier
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
+STALE_PATTERN = re.compile(r"^\.step-\d+\.(tmp|trash)-[0-9a-f]+$")
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -127,8 +128,21 @@ def save_checkpoint(
             raise
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             _discard(old)
+        remove_stale(root)
     barrier()
     return final if is_main else None
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Delete what interrupted saves and deletions left (`.step-*.tmp-*`, `.step-*.trash-*`
+    folders): a save killed midway is never resumed from, so its folder is only waste.
+    Run by rank 0 at start and after every save; returns what it removed."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and STALE_PATTERN.match(p.name)]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def _discard(folder: Path) -> None:

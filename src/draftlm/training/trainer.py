@@ -31,6 +31,7 @@ from draftlm.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     model_state,
+    remove_stale,
     save_checkpoint,
 )
 from draftlm.training.config import TrainConfig
@@ -131,6 +132,8 @@ class Trainer:
 
     def _restore(self, resume: bool) -> int:
         """The step to start from: the last checkpoint's when resuming, else 0."""
+        if self.info.is_main:
+            remove_stale(self.out / "checkpoints")
         checkpoints = list_checkpoints(self.out / "checkpoints")
         if checkpoints and not resume:
             raise DraftlmError(f"{self.out} already holds checkpoints: pass --resume to "
