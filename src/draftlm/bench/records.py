@@ -171,7 +171,7 @@ class BenchOptions:
                                                            choices=PEERS))
     """add a peer's rows to the same run: hf (transformers' plain and assisted generation),
     llama.cpp (llama-cpp-python on the same GGUF); repeatable"""
-    out: str = "bench-results"
+    out: str = "runs/bench"
     """folder for JSON, markdown, PNG"""
     threads: int | None = field(default=None, metadata=flag(type=int))
     """torch intra-op threads (default: torch's)"""
