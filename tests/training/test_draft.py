@@ -110,6 +110,19 @@ def test_distillation_moves_the_draft_towards_the_target(shards, tmp_path, kind,
     assert int(draft.model.head_token_ids.max()) < 256
 
 
+def test_validation_scores_a_truncated_head_over_its_tokens(shards, tmp_path) -> None:
+    """The next-token loss of a draft with a 64-token head skips the data's other tokens
+    (they were an index error) and falls as the draft trains."""
+    (shards["root"] / "held.txt").write_text(CODE[:4000])
+    prepare([str(shards["root"] / "held.txt")], str(shards["root"] / "held"), byte_tokenizer(),
+            val_fraction=1.0, progress=False, workers=1)
+    out = tmp_path / "val"
+    train(draft_config(shards, out, val_data=[str(shards["root"] / "held")], eval_interval=8,
+                       eval_sequences=4, max_steps=16), progress=False)
+    vals = [r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+
+
 def test_ce_baseline_trains_on_the_same_windows(shards, tmp_path) -> None:
     train(draft_config(shards, tmp_path / "ce", distill_loss="ce", max_steps=6), progress=False)
     assert len(losses(tmp_path / "ce")) == 6

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from draftlm.config import ModelConfig
 from draftlm.data.loader import PackedTokens, TokenLoader, check_same_tokenizer, val_batches
@@ -195,7 +194,8 @@ class Trainer:
                                         batch["topk_logprobs"], tokens[:, 1:],
                                         self.model.head_token_ids)
                 else:
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+                    loss = distill_loss("ce", logits, None, None, tokens[:, 1:],
+                                        self.model.head_token_ids)
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -237,7 +237,8 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation loss and perplexity at this step, logged (rank 0); {} with no
         validation data."""
-        val = evaluate(self.wrapped, self.val_data, self.cfg, self.info, self.autocast)
+        val = evaluate(self.wrapped, self.val_data, self.cfg, self.info, self.autocast,
+                       self.model.head_token_ids)
         if val is None:
             return {}
         record = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
@@ -344,7 +345,7 @@ def check_fits(cfg: TrainConfig, loader: TokenLoader | TeacherLoader,
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, val_data: list[PackedTokens], cfg: TrainConfig, info: DistInfo,
-    autocast: torch.dtype | None,
+    autocast: torch.dtype | None, head_token_ids: torch.Tensor | None = None,
 ) -> float | None:
     """Mean validation loss over the fixed first `eval_sequences` windows of every dataset."""
     was_training = model.training
@@ -357,7 +358,8 @@ def evaluate(
             batch = batch.to(info.device)
             with maybe_autocast(info.device, autocast):
                 logits = model(batch[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            # A truncated head (a draft's) scores the tokens it has; the others are skipped.
+            total += distill_loss("ce", logits, None, None, batch[:, 1:], head_token_ids)
             count += 1
     model.train(was_training)
     if count == 0:
