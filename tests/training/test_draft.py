@@ -197,3 +197,12 @@ def _grown(model):
         state[name] = torch.cat((state[name], state[name][:1]))
     grown.load_state_dict(state)
     return grown
+
+
+def test_training_flops_count_the_truncated_head_only() -> None:
+    from draftlm.config import ModelConfig
+    from draftlm.training.metrics import flops_per_token
+
+    full = ModelConfig.from_name("qwen2.5-coder-0.5b").with_(tie_embeddings=False)
+    draft = full.with_(head_vocab_size=32768)
+    assert flops_per_token(full, 512) - flops_per_token(draft, 512) == 6 * 896 * (151936 - 32768)

@@ -36,7 +36,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     kv = 2 * d * config.n_kv_heads * config.head_dim
     attn = q + kv + config.n_heads * config.head_dim * d
     mlp = 3 * d * config.intermediate_size
-    matmul_params = layers * (attn + mlp) + d * config.vocab_size  # + the head
+    head = config.head_vocab_size or config.vocab_size  # a draft's truncated head is smaller
+    matmul_params = layers * (attn + mlp) + d * head
     return 6.0 * matmul_params + 12.0 * layers * config.n_heads * config.head_dim * seq_len
 
 
