@@ -54,7 +54,7 @@ from draftlm.training.metrics import (
     flops_per_token,
     plot_loss_curve,
 )
-from draftlm.training.teacher import TeacherLoader, iter_windows
+from draftlm.training.teacher import TeacherLoader
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -312,6 +312,10 @@ def build_data(
     return loader, val_data, datasets[0][0]
 
 
+# Tokens of each dataset counted to pick a truncated head's tokens.
+HEAD_COUNT_TOKENS = 1 << 24
+
+
 def shape_draft(model: Transformer, cfg: TrainConfig,
                 loader: TokenLoader | TeacherLoader) -> Transformer:
     """`init_layers` and `head_vocab_size` applied to the starting model (`training.draft`):
@@ -319,11 +323,12 @@ def shape_draft(model: Transformer, cfg: TrainConfig,
     end-of-generation tokens. Deterministic, so a resumed run rebuilds the same shape."""
     head_ids = None
     if cfg.head_vocab_size is not None:
-        if isinstance(loader, TeacherLoader):
-            windows = (s["tokens"] for s in iter_windows(loader.data.folder))
-        else:
-            windows = (torch.from_numpy(d.read(0, min(d.num_tokens, 1 << 24)))
-                       for d in loader.data)
+        # Frequencies of the corpus (for a teacher: the data its windows came from), not of
+        # the teacher's windows alone: a few thousand windows leave most tokens unseen.
+        data = [PackedTokens(loader.data.spec.data, loader.data.spec.split)] \
+            if isinstance(loader, TeacherLoader) else loader.data
+        windows = (torch.from_numpy(d.read(0, min(d.num_tokens, HEAD_COUNT_TOKENS)))
+                   for d in data)
         counts = token_counts(windows, model.config.vocab_size)
         head_ids = frequent_tokens(counts, cfg.head_vocab_size, model.config.eos_ids)
     return prune(model, cfg.init_layers, head_ids)
