@@ -120,7 +120,9 @@ def build_model(
         if unexpected:
             detail.append(f"unexpected {sorted(unexpected)[:3]}")
         raise DraftlmError(f"checkpoint does not fit its config: {'; '.join(detail)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    # Weights take `dtype`; integer buffers (a truncated head's token ids) keep theirs.
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:  # assign replaced the shared Parameter: tie again
         model.lm_head.weight = model.embed_tokens.weight

@@ -107,6 +107,7 @@ def test_distillation_moves_the_draft_towards_the_target(shards, tmp_path, kind,
     assert sum(curve[s] for s in (22, 23, 24)) < factor * sum(curve[s] for s in (1, 2, 3))
     draft = load(summary["export"], dtype="float32")
     assert draft.config.n_layers == 2 and draft.config.head_vocab_size == 64
+    assert draft.model.head_token_ids.dtype == torch.int64  # ids, whatever the weights' dtype
     assert 0 in draft.model.head_token_ids.tolist()  # the tiny tokenizer's end of text
     # The head holds the corpus' most frequent tokens, counted over the teacher's source.
     source = PackedTokens(shards["data"], "train")
