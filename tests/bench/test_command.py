@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from helpers import no_eos_lm, noisy_copy, permuted_draft
 
 from draftlm.bench.command import cmd_bench, load_prompts
@@ -26,12 +25,7 @@ from draftlm.options import LoadOptions
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add", "import os\nimport sys\nimport"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from draftlm.sampling import SamplingParams, logits_to_probs, sample
 from draftlm.speculative import verify, verify_draft, verify_greedy
 from draftlm.speculative.drafters import ModelDrafter, NgramDrafter
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- greedy: the same tokens as plain decoding -------------------------------------------

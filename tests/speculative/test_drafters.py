@@ -34,13 +34,7 @@ from draftlm.speculative.drafters import (
 )
 from draftlm.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adaptive_policy_grows_on_full_acceptance_and_shrinks_on_rejection() -> None:

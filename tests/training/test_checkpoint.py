@@ -28,13 +28,7 @@ from draftlm.training.checkpoint import (
 IDENTITY = {"model_config": "tiny", "seq_len": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads spin; on shared cores one thread is many times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(tied: bool, seed: int = 0) -> tuple[Transformer, torch.optim.AdamW]:

@@ -18,13 +18,7 @@ from draftlm.training.trainer import build_optimizer, lr_at, train
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "birds sing at dawn. "]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads spin; on shared cores one thread is many times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
