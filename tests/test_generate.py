@@ -111,3 +111,17 @@ def test_limit_inside_a_chunk() -> None:
     t = tracker(max_new=3)
     assert t.add(ids("abcdef"))
     assert t.token_ids == ids("abc") and t.finish_reason == "length"
+
+
+@pytest.mark.parametrize("drafted", [False, True])
+def test_damaged_weights_fail_in_one_line_instead_of_returning_nothing(drafted) -> None:
+    """NaN weights gave 0 tokens with finish reason "stop" (the NaN argmax was EOS)."""
+    from draftlm.errors import DraftlmError
+    from draftlm.speculative import NgramDrafter
+
+    lm = make_tiny_lm()
+    with torch.no_grad():
+        lm.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    drafter = NgramDrafter(2, num_draft_tokens=3) if drafted else None
+    with pytest.raises(DraftlmError, match="non-finite logits"):
+        generate(lm, "def f(x):", max_new_tokens=8, drafter=drafter)

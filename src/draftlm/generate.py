@@ -16,7 +16,7 @@ import torch
 from draftlm.errors import DraftlmError
 from draftlm.load import LM
 from draftlm.output import GenerationResult, OutputTracker
-from draftlm.sampling import SamplingParams, make_generator, next_token
+from draftlm.sampling import SamplingParams, check_finite, make_generator, next_token
 from draftlm.speculative import Drafter, speculative_decode
 
 
@@ -92,6 +92,7 @@ def generate(
     if len(prompt_ids) > 1:
         decoder(ids[:, :-1], start_pos=0, num_logits=1)
     logits = decoder(ids[:, -1:], start_pos=len(prompt_ids) - 1)[:, -1]
+    check_finite(logits, lm.name)
     token = next_token(logits, params, generator)
     prefill_s = time.perf_counter() - start
     start_pos = len(prompt_ids)

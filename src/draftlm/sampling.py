@@ -82,6 +82,16 @@ def next_token(
     return sample(logits_to_probs(logits, params), generator)
 
 
+def check_finite(logits: Tensor, name: str) -> None:
+    """Damaged weights (NaN or inf) give non-finite logits, whose argmax is a silent
+    garbage token; checked once per generation, at the first logits, where the host waits
+    for them anyway."""
+    if not bool(torch.isfinite(logits).all()):
+        raise DraftlmError(f"{name} computes non-finite logits (NaN or inf): its weights are "
+                           "damaged or overflow in this dtype; check the file or try "
+                           "--dtype float32")
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A private RNG: seeded when asked, otherwise from OS entropy (never the global RNG)."""
     generator = torch.Generator(device=device)

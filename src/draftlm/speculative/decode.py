@@ -25,7 +25,7 @@ from draftlm.compile import CompiledDecoder
 from draftlm.errors import DraftlmError
 from draftlm.load import LM
 from draftlm.output import GenerationResult, OutputTracker
-from draftlm.sampling import SamplingParams, logits_to_probs
+from draftlm.sampling import SamplingParams, check_finite, logits_to_probs
 from draftlm.speculative.drafters import Draft, Drafter
 from draftlm.speculative.verify import verify_draft, verify_greedy
 
@@ -73,6 +73,8 @@ def speculative_decode(
         start_pos = len(ids) - 1
         last = torch.tensor([ids[-1]], device=device)
         logits = decoder(torch.cat((last, draft.tokens)).view(1, -1), start_pos=start_pos)[0]
+        if num_forwards == 0:
+            check_finite(logits[:1], lm.name)
         if params.greedy:
             accepted, next_token = verify_greedy(draft.tokens, logits)
         else:
