@@ -130,6 +130,30 @@ def test_models_and_health(live, client, lm) -> None:
     assert client.models.retrieve(lm.name).id == lm.name
     health = httpx.get(f"{live.url}/health").json()  # no key needed for liveness probes
     assert health["status"] == "ok" and health["model"] == lm.name
+    head = httpx.head(f"{live.url}/health")  # load balancers probe with HEAD (it was 405)
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch) -> None:
+    """A key given on the command line shows in /proc/PID/cmdline to every local user; a
+    file or $DRAFTLM_API_KEY keeps it private."""
+    from draftlm.errors import DraftlmError
+    from draftlm.serving.command import resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    monkeypatch.setenv("DRAFTLM_API_KEY", "from-env")
+    assert resolve_api_key(None, str(key_file)) == "s3cret"
+    assert resolve_api_key(None, None) == "from-env"
+    assert resolve_api_key("flag", None) == "flag"
+    monkeypatch.delenv("DRAFTLM_API_KEY")
+    assert resolve_api_key(None, None) is None
+    (tmp_path / "empty").write_text("\n")
+    for args, message in (((None, str(tmp_path / "empty")), "is empty"),
+                          ((None, str(tmp_path / "absent")), "cannot read"),
+                          (("flag", str(key_file)), "not both")):
+        with pytest.raises(DraftlmError, match=message):
+            resolve_api_key(*args)
 
 
 def test_completion_equals_generate(client, lm) -> None:

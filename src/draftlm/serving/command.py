@@ -30,6 +30,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
 from draftlm.errors import DraftlmError
 from draftlm.options import LOAD_DEFAULTS, NO_DRAFTER, DraftOptions, LoadOptions, add_flags
@@ -42,6 +43,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    api_key_file: str | None = None,
     max_queue: int = 64,
     max_tokens_limit: int = 1024,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -63,7 +65,7 @@ def serve(
             "pip install 'draftlm[serve]'"
         ) from err
 
-    api_key = api_key or os.environ.get("DRAFTLM_API_KEY") or None
+    api_key = resolve_api_key(api_key, api_key_file)
     if not is_loopback(host) and api_key is None:
         print(f"draftlm serve: warning: listening on {host} without --api-key; anyone who "
               "can reach this port can use the model", file=sys.stderr)
@@ -75,6 +77,24 @@ def serve(
     kind = " with speculative decoding" if drafter is not None else ""
     print(f"draftlm serve: {lm.name}{kind} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.Server(config).run()
+
+
+def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from --api-key, else --api-key-file, else $DRAFTLM_API_KEY, else None.
+
+    A key on the command line is readable by every local user in /proc/PID/cmdline; a file
+    (mode 600) or the environment (/proc/PID/environ is private to the user) is not."""
+    if api_key is not None and api_key_file is not None:
+        raise DraftlmError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = Path(api_key_file).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DraftlmError(f"cannot read --api-key-file {api_key_file}: {err}") from err
+        if not api_key:
+            raise DraftlmError(f"--api-key-file {api_key_file} is empty")
+        return api_key
+    return api_key or os.environ.get("DRAFTLM_API_KEY") or None
 
 
 def is_loopback(host: str) -> bool:
@@ -93,8 +113,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_flags(p, DraftOptions, "draft_options")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "
-                   "(default: $DRAFTLM_API_KEY when set)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'; other local users "
+                   "can read a key given here (in /proc): prefer --api-key-file or "
+                   "$DRAFTLM_API_KEY")
+    p.add_argument("--api-key-file", help="read the API key from this file (first line)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the model; more get 429")
     p.add_argument("--max-tokens-limit", type=int, default=1024,

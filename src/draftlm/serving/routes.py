@@ -53,7 +53,7 @@ ops_router = APIRouter()
 
 
 # ---- /health, /metrics -------------------------------------------------------------------
-@ops_router.get("/health")
+@ops_router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     worker: GenerationWorker = state.worker
