@@ -336,22 +336,30 @@ def test_odd_bodies_never_get_a_500(live) -> None:
     assert error_of(raw, 400)["param"] == "messages"
 
 
-def test_schema_errors_are_422(live, client) -> None:
-    with pytest.raises(openai.UnprocessableEntityError):
+def test_schema_errors_are_400_as_openai_answers(live, client) -> None:
+    """Invalid parameters get 400 invalid_request_error (FastAPI's default is 422, which the
+    openai client raises as UnprocessableEntityError instead of BadRequestError)."""
+    with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt="x", temperature=5)
-    error = error_of(post(live, "/v1/chat/completions", {"max_tokens": 3}), 422)
-    assert error["param"] == "messages"
-    error = error_of(post(live, "/v1/completions", {"prompt": 123}), 422)
+    error = error_of(post(live, "/v1/chat/completions", {"max_tokens": 3}), 400)
+    assert error["param"] == "messages" and error["type"] == "invalid_request_error"
+    error = error_of(post(live, "/v1/completions", {"prompt": 123}), 400)
     assert error["param"] == "prompt"  # not pydantic's union tag "prompt.str"
     error = error_of(post(live, "/v1/chat/completions", {"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 422)
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
     assert error["param"] == "messages.0.content"
     error_of(post(live, "/v1/chat/completions",
-                  {"messages": [{"role": "wizard", "content": "x"}]}), 422)
-    error_of(post(live, "/v1/completions", {"prompt": "x", "max_tokens": 0}), 422)
+                  {"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    error_of(post(live, "/v1/completions", {"prompt": "x", "max_tokens": 0}), 400)
+    # Values a lax schema coerced: a boolean is not a number of tokens, nor token ids.
+    for body, param in (({"prompt": "x", "max_tokens": True}, "max_tokens"),
+                        ({"prompt": [True, False]}, "prompt"),
+                        ({"prompt": "x", "model": ""}, "model"),
+                        ({"prompt": "x", "max_tokens": "16"}, "max_tokens")):
+        assert error_of(post(live, "/v1/completions", body), 400)["param"] == param, body
     bad_json = httpx.post(f"{live.url}/v1/completions", content=b"{not json",
                           headers={**headers(), "Content-Type": "application/json"})
-    error_of(bad_json, 422)
+    error_of(bad_json, 400)
 
 
 def test_a_template_that_cannot_render_the_messages_is_400() -> None:

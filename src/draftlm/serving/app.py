@@ -109,8 +109,10 @@ async def on_schema_error(request: Request, err: RequestValidationError) -> JSON
     message = first.get("msg", "invalid request")
     if union:
         message = f"none of the accepted forms matches ({message})"
+    # 400 with OpenAI's error body, not FastAPI's 422: the official clients then raise
+    # BadRequestError, as they do against OpenAI for the same request.
     return error_response(request, APIError(
-        422, f"{param}: {message}" if param else message, param=param, code="invalid_value",
+        400, f"{param}: {message}" if param else message, param=param, code="invalid_value",
     ))
 
 

@@ -1,7 +1,7 @@
 """The OpenAI wire format that `draftlm serve` speaks: request schemas, errors, responses.
 
 Kept apart from the app and its worker so the contract with clients reads in one place:
-what a request may contain (pydantic answers a malformed one with 422), which values
+what a request may contain (a malformed one is answered 400, as OpenAI does), which values
 are refused as unsupported (400), how a prompt or a conversation becomes token ids, and
 the JSON shapes of responses, stream chunks and errors that the official clients parse.
 """
@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from draftlm.errors import DraftlmError
 from draftlm.load import LM
@@ -56,14 +56,16 @@ class SamplingFields(BaseModel):
     many; ones that would change the output and that draftlm cannot honour are refused in
     `unsupported()` rather than silently dropped."""
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    # Integers are strict (true, 1.5 or "16" are refused, as OpenAI refuses them); a model
+    # name, when given, is not empty.
+    model: str | None = Field(default=None, min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)  # not OpenAI's, but vLLM-style clients send it
-    n: int = 1
+    top_k: StrictInt | None = Field(default=None, ge=1)  # not OpenAI's; vLLM clients send it
+    n: StrictInt = 1
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -91,8 +93,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     # A string, one string in a list, or token ids (OpenAI's array-of-integers form).
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[str] | list[StrictInt]
+    max_tokens: StrictInt | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
@@ -129,7 +131,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: bool = False
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
