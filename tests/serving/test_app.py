@@ -449,6 +449,29 @@ def test_full_queue_is_429_and_waiting_requests_still_finish(lm) -> None:
         assert worker.metrics.counts["requests_queue_full_total"] == 2
 
 
+def test_waiting_clients_that_hang_up_free_their_places(lm) -> None:
+    """Queued requests whose clients disconnect leave the queue: with --max-queue 2 and
+    both places taken by clients that hung up, the next request is queued, not 429."""
+    gate = threading.Event()
+    worker = GenerationWorker(lm, max_queue=2, generate_fn=gated_generate(gate))
+    with LiveServer(build_app(lm, worker=worker)) as server, ThreadPoolExecutor(2) as pool:
+        body = {"prompt": "q", "max_tokens": 3, "temperature": 0}
+        first = pool.submit(post, server, "/v1/completions", body)  # runs (held by the gate)
+        wait_until(lambda: worker.in_flight == 1)
+        for _ in range(2):  # queued, then gone
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.url}/v1/completions", json=body, headers=headers(),
+                           timeout=httpx.Timeout(5.0, read=0.5))
+        wait_until(lambda: worker.queue_depth == 0)
+        assert worker.metrics.counts["requests_cancelled_total"] == 2
+        third = pool.submit(post, server, "/v1/completions", body)
+        wait_until(lambda: worker.queue_depth == 1)
+        gate.set()
+        expected = generate(lm, "q", max_new_tokens=3).text
+        assert [f.result().json()["choices"][0]["text"] for f in (first, third)] == [expected] * 2
+        assert worker.metrics.counts["requests_queue_full_total"] == 0
+
+
 def test_disconnect_mid_stream_frees_the_model(lm) -> None:
     worker = GenerationWorker(lm, generate_fn=slow_generate(0.02))
     with LiveServer(build_app(lm, worker=worker, max_tokens_limit=200)) as server:

@@ -151,7 +151,23 @@ class GenerationWorker:
 
     @property
     def queue_depth(self) -> int:
+        """Jobs waiting for the model (those whose client left are dropped first)."""
+        self._drop_cancelled()
         return self._queue.qsize()
+
+    def _drop_cancelled(self) -> None:
+        """Take the waiting jobs whose client hung up out of the queue, so they neither
+        hold a place (a full queue of them answered 429 to everyone) nor show as waiting."""
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            gone = [job for job in waiting if job is not None and job.cancelled.is_set()]
+            if not gone:
+                return
+            for job in gone:
+                waiting.remove(job)
+            self._queue.not_full.notify(len(gone))
+        for job in gone:
+            self._finish_cancelled(job, shutting_down=False)
 
     @property
     def in_flight(self) -> int:
@@ -170,6 +186,7 @@ class GenerationWorker:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", "server_error",
                                code="shutting_down")
+            self._drop_cancelled()
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
