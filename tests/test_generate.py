@@ -125,3 +125,28 @@ def test_damaged_weights_fail_in_one_line_instead_of_returning_nothing(drafted) 
     drafter = NgramDrafter(2, num_draft_tokens=3) if drafted else None
     with pytest.raises(DraftlmError, match="non-finite logits"):
         generate(lm, "def f(x):", max_new_tokens=8, drafter=drafter)
+
+
+@pytest.mark.parametrize("drafted", [False, True])
+def test_on_step_runs_every_step_while_a_stop_string_holds_text_back(drafted) -> None:
+    """A server checks its client in `on_step`: it must run even when no text streams (the
+    whole output could still become a stop string), and what it raises ends generation."""
+    from draftlm.speculative import NgramDrafter
+
+    lm = make_tiny_lm()
+    expected = generate(lm, "def f(x):", max_new_tokens=24).text
+    streamed, steps = [], []
+
+    class ClientGone(Exception):
+        pass
+
+    def on_step() -> None:
+        steps.append(1)
+        if len(steps) == 5:
+            raise ClientGone
+
+    drafter = NgramDrafter(2, num_draft_tokens=3) if drafted else None
+    with pytest.raises(ClientGone):
+        generate(lm, "def f(x):", max_new_tokens=24, stop=[expected + "\x00never"],
+                 on_text=streamed.append, on_step=on_step, drafter=drafter)
+    assert len(steps) == 5 and streamed == []

@@ -59,19 +59,22 @@ def generate(
     chat: bool = False,
     drafter: Drafter | None = None,
     on_text: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
     max_context: int | None = None,
 ) -> GenerationResult:
     """Generate a continuation of `prompt` (text or token ids) with `lm`.
 
     With `drafter`, speculative decoding produces the same distribution (the same tokens
-    when greedy) in fewer target passes. `on_text` receives streamed text deltas.
+    when greedy) in fewer target passes. `on_text` receives streamed text deltas; `on_step`
+    is called at every step (an exception it raises ends the generation: a server's check
+    that its client is still there).
     `max_context` caps the KV cache below the model's context (memory)."""
     params = SamplingParams(temperature, top_k, top_p)
     prompt_ids = encode_prompt(lm, prompt, chat)
     context = min(lm.config.max_seq_len, max_context or lm.config.max_seq_len)
     budget = check_context(len(prompt_ids), max_new_tokens, context)
     eos_ids = tuple(dict.fromkeys((*lm.config.eos_ids, *lm.tokenizer.eos_ids)))
-    tracker = OutputTracker(lm.tokenizer, prompt_ids, budget, eos_ids, stop, on_text)
+    tracker = OutputTracker(lm.tokenizer, prompt_ids, budget, eos_ids, stop, on_text, on_step)
     device = lm.device
     generator = make_generator(seed, device)
 

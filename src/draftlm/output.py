@@ -63,12 +63,16 @@ class OutputTracker:
         eos_ids: Sequence[int],
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.eos_ids = set(eos_ids)
         self.stop = [s for s in stop if s]
         self.on_text = on_text
+        # Called on every chunk, streamed or not: the place to give up (raise) when the
+        # caller no longer wants the output, even while a stop string holds text back.
+        self.on_step = on_step
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self._decoder = StreamDecoder(tokenizer, prompt_ids)
@@ -88,6 +92,8 @@ class OutputTracker:
         """Append `tokens`; returns True when generation must stop."""
         if self.done:
             return True
+        if self.on_step is not None:
+            self.on_step()
         for token in tokens:
             if token in self.eos_ids:
                 self._finish("stop")

@@ -233,9 +233,12 @@ class GenerationWorker:
     def _run_job(self, job: Job) -> None:
         queue_wait_s = time.perf_counter() - job.enqueued_at
 
-        def on_text(delta: str) -> None:
+        def on_step() -> None:  # every step: also while a stop string holds text back
             if job.cancelled.is_set():
                 raise GenerationCancelled
+
+        def on_text(delta: str) -> None:
+            on_step()
             if job.stream:
                 job.emit("text", delta)
 
@@ -243,7 +246,7 @@ class GenerationWorker:
             result = self.generate_fn(
                 self.lm, job.prompt_ids, max_new_tokens=job.max_new_tokens,
                 temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=job.seed,
-                stop=job.stop, drafter=self.drafter, on_text=on_text,
+                stop=job.stop, drafter=self.drafter, on_text=on_text, on_step=on_step,
             )
         except GenerationCancelled:
             self._finish_cancelled(job, shutting_down=self._stopping)
