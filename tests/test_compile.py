@@ -180,7 +180,7 @@ def test_cuda_graph_step_matches_eager() -> None:
     with torch.inference_mode():
         eager = _static_twin_passes(model, ids)
         torch._dynamo.reset()
-        decoder = CompiledDecoder(model)
+        decoder = CompiledDecoder(model, static_shapes=True)  # opt-in: --cuda-graphs
         decoder.compile_verify(5)
         assert decoder.static_shapes
         graphed = _static_twin_passes(decoder, ids)
@@ -197,7 +197,8 @@ def test_lm_decodes_through_the_model_until_compiled(monkeypatch) -> None:
     assert lm.decoder is lm.model
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     expected = generate(lm, "hello", max_new_tokens=8).token_ids
-    lm.compile(static_shapes=False)
+    lm.compile()
+    assert not lm.decoder.static_shapes  # CUDA graphs are opt-in on every device
     assert isinstance(lm.decoder, CompiledDecoder) and lm.decoder.model is lm.model
     seen: list[int] = []
     step = lm.decoder._step

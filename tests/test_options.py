@@ -176,3 +176,10 @@ def test_separate_load_flags_for_a_verb_that_takes_them_one_by_one() -> None:
     add_load_flags(p, dtype="float32", compile_flag=False)
     assert gather_options(vars(p.parse_args(["--quantize", "int8"]))) == {
         "dtype": "float32", "device": "cpu", "quantize": "int8"}
+
+
+def test_cuda_graphs_need_a_compiled_step() -> None:
+    with pytest.raises(DraftlmError, match="--cuda-graphs records compiled steps"):
+        LoadOptions(cuda_graphs=True)
+    assert LoadOptions(compile_mode="all", cuda_graphs=True).cuda_graphs
+    assert not LoadOptions(compile_mode="all").cuda_graphs  # the dynamic step by default

@@ -31,7 +31,7 @@ class CompiledDecoder:
     first run on a machine pays the compile (~3 minutes for SmolLM2-135M on 2 cores,
     ~1 minute once cached).
 
-    `static_shapes` (the default on CUDA) compiles a pass whose shapes never change
+    `static_shapes` (opt-in: `--cuda-graphs`) compiles a pass whose shapes never change
     instead, with mode="reduce-overhead": on a GPU that records the step once as a CUDA
     graph and replays it, removing the per-kernel launch cost that dominates a small
     model's step. Positions then travel as a device tensor (an int would be a new graph
@@ -45,7 +45,9 @@ class CompiledDecoder:
     def __init__(self, model: Transformer, static_shapes: bool | None = None) -> None:
         device = model.embed_tokens.weight.device
         self.model = model
-        self.static_shapes = device.type == "cuda" if static_shapes is None else static_shapes
+        # The dynamic step everywhere by default: the CUDA-graph path has not yet run on a
+        # GPU (scripts/gpu_check.sh is the check that would make it the CUDA default).
+        self.static_shapes = bool(static_shapes)
         self.verify_len = 0
         self._verify: Callable[..., Tensor] | None = None
         # A static-shape pass's first new position, on the device.

@@ -153,6 +153,7 @@ def load(
     device: str | torch.device = "cpu",
     quantize: str = "none",
     compile_step: bool = False,
+    cuda_graphs: bool = False,
 ) -> LM:
     """Load a model by registry name, GGUF file or HF folder.
 
@@ -164,7 +165,8 @@ def load(
     cached per model); int4-mixed keeps the output head and what the file stores above 4
     bits in int8.
     `compile_step` runs one-token decode steps through torch.compile
-    (`compile.CompiledDecoder`)."""
+    (`compile.CompiledDecoder`); `cuda_graphs` records them as CUDA graphs (static shapes),
+    opt-in until that path has been checked on a GPU."""
     if quantize not in QUANTIZE_MODES:
         raise DraftlmError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
 
@@ -205,6 +207,6 @@ def load(
     quantize_model(model, quantize, int4_groups, importance)
     lm = LM(model, tokenizer, config, config.name if config.name != "custom" else name)
     if compile_step:
-        lm.compile()
+        lm.compile(static_shapes=cuda_graphs)
     lm.load_s = time.perf_counter() - start
     return lm

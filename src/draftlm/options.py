@@ -80,6 +80,9 @@ class LoadOptions:
     compile_mode: str = field(default="none", metadata=flag("--compile", choices=COMPILE_MODES))
     """torch.compile the one-token decode step of the draft model or of all models (the
     first run on a machine compiles for minutes)"""
+    cuda_graphs: bool = field(default=False, metadata=flag(action="store_true"))
+    """with --compile on a GPU, record the compiled steps as CUDA graphs (static shapes);
+    opt-in until scripts/gpu_check.sh has passed on a GPU"""
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, "--dtype")
@@ -87,6 +90,9 @@ class LoadOptions:
         if self.compile_mode not in COMPILE_MODES:
             raise DraftlmError(f"unknown --compile {self.compile_mode!r}; use one of "
                                f"{', '.join(COMPILE_MODES)}")
+        if self.cuda_graphs and self.compile_mode == "none":
+            raise DraftlmError("--cuda-graphs records compiled steps: add --compile draft "
+                               "or --compile all")
 
     @property
     def compile_target(self) -> bool:
@@ -242,4 +248,4 @@ def add_load_flags(p: argparse.ArgumentParser, dtype: str = "auto",
     """The `LoadOptions` flags as separate arguments, for a verb that takes them one by one
     (--dtype, --device, --quantize, and --compile unless `compile_flag` is False)."""
     add_flags(p, LoadOptions, None, defaults={"dtype": dtype},
-              skip=() if compile_flag else ("compile_mode",))
+              skip=() if compile_flag else ("compile_mode", "cuda_graphs"))

@@ -226,7 +226,8 @@ def cmd_bench(
         print(line, file=sys.stderr, flush=True)
 
     lm = load(model, dtype=load_options.dtype, device=load_options.device,
-              quantize=load_options.quantize, compile_step=load_options.compile_target)
+              quantize=load_options.quantize, compile_step=load_options.compile_target,
+              cuda_graphs=load_options.cuda_graphs)
     draft_lms = {d: load_draft_model(d, load_options, options.draft_dtype,
                                      options.draft_quantize) for d in options.draft_models}
     for name in options.drafts:  # fail before the first (long) run, not after it

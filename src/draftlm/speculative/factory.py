@@ -26,7 +26,8 @@ def load_with_drafter(
     `--compile draft` without a draft model fails before either loads."""
     load_options.check_draft_model(draft_options.draft)
     lm = load(model, dtype=load_options.dtype, device=load_options.device,
-              quantize=load_options.quantize, compile_step=load_options.compile_target)
+              quantize=load_options.quantize, compile_step=load_options.compile_target,
+              cuda_graphs=load_options.cuda_graphs)
     return lm, drafter_from_options(lm, draft_options, load_options)
 
 
@@ -107,16 +108,17 @@ def load_draft_model(draft: str, load_options: LoadOptions, dtype: str | None = 
     `dtype` / `quantize` say otherwise, its step compiled under --compile draft or all."""
     return load_draft(draft, load_options.dtype if dtype is None else dtype,
                       load_options.device, load_options.quantize if quantize is None else quantize,
-                      compile_step=load_options.compile_drafts)
+                      compile_step=load_options.compile_drafts,
+                      cuda_graphs=load_options.cuda_graphs)
 
 
 def load_draft(
     draft: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-    quantize: str = "none", compile_step: bool = False,
+    quantize: str = "none", compile_step: bool = False, cuda_graphs: bool = False,
 ) -> LM:
     """Load a draft model; any failure becomes one line that names the draft."""
     try:
         return load(draft, dtype=dtype, device=device, quantize=quantize,
-                    compile_step=compile_step)
+                    compile_step=compile_step, cuda_graphs=cuda_graphs)
     except (DraftlmError, OSError, ValueError, KeyError) as err:
         raise DraftlmError(f"cannot load draft model {draft!r}: {err}") from err
