@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from draftlm.config import ModelConfig
-from draftlm.formats.gguf import permute_qk, unpermute_qk
+from draftlm.formats.gguf import gguf_name, permute_qk, unpermute_qk
 from draftlm.formats.gguf_tokenizer import bytes_to_unicode
 from draftlm.model import Transformer
 
@@ -54,22 +54,6 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> Transformer:
             if name.endswith("layernorm.weight") or name == "norm.weight" or "bias" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     return model.eval()
-
-
-GGUF_NAMES = {
-    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(name: str) -> str:
-    if name in GGUF_NAMES:
-        return GGUF_NAMES[name]
-    _, layer, *module, kind = name.split(".")
-    return f"blk.{layer}.{GGUF_NAMES['.'.join(module)]}.{kind}"
 
 
 def roundtrip(weight: np.ndarray, qtype: Q) -> np.ndarray:

@@ -12,8 +12,8 @@ import torch
 from gguf_files import tiny_config, tiny_model, write_gguf
 
 from draftlm.errors import DraftlmError
-from draftlm.formats.gguf import read_gguf
-from draftlm.formats.gguf_export import gguf_tensor_name, save_gguf
+from draftlm.formats.gguf import gguf_name, read_gguf
+from draftlm.formats.gguf_export import save_gguf
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
 
@@ -84,7 +84,7 @@ def test_bad_input_is_one_line(tmp_path) -> None:
     with pytest.raises(DraftlmError, match="not this model's tokenizer"):
         save_gguf(tmp_path / "y.gguf", model.config, model.state_dict(), other)
     with pytest.raises(DraftlmError, match="has no GGUF name"):
-        gguf_tensor_name("layers.0.self_attn.qkv_proj.weight")
+        gguf_name("layers.0.self_attn.qkv_proj.weight")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
     assert not list(tmp_path.glob(".*tmp*"))
 

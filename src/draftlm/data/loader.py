@@ -114,7 +114,7 @@ def permute(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out.astype(np.int64)
 
 
-def _epoch_seed(seed: int, dataset: int, epoch: int) -> int:
+def epoch_seed(seed: int, dataset: int, epoch: int) -> int:
     return (seed * 1_000_003 + dataset * 10_007 + epoch) & _MASK64
 
 
@@ -164,7 +164,7 @@ class TokenLoader:
             if first <= slot < first + self.micro_batch_size:
                 epoch, index = divmod(position, self.windows[i])
                 window = int(permute(np.array([index]), self.windows[i],
-                                     _epoch_seed(self.seed, i, epoch))[0])
+                                     epoch_seed(self.seed, i, epoch))[0])
                 rows.append(self.data[i].read(window * self.seq_len, self.seq_len + 1))
         return torch.from_numpy(np.stack(rows))
 

@@ -44,7 +44,7 @@ from draftlm.options import add_load_flags
 from draftlm.quant.layers import QUANTIZE_MODES
 from draftlm.sampling import SamplingParams, logits_to_probs
 from draftlm.speculative import load_draft
-from draftlm.speculative.drafters import vocab_compatible
+from draftlm.speculative.drafters import fit_vocab, vocab_compatible
 
 # The figures per position, in the order `position_acceptance` stacks them.
 RATES = ("greedy_match", "alpha", "alpha_at_temperature")
@@ -55,25 +55,6 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 # ---- metrics: pure functions over logits ---------------------------------------------
-def fit_vocab(draft_logits: Tensor, vocab_size: int,
-              head_token_ids: Tensor | None = None) -> Tensor:
-    """Draft logits over the target's `vocab_size` ids, as `ModelDrafter` drafts: ids the
-    draft lacks get -inf (its probabilities padded with zeros), ids beyond the target's are
-    cut (the engine never proposes them). A truncated head's column i is token
-    `head_token_ids[i]`."""
-    if head_token_ids is not None:
-        keep = head_token_ids < vocab_size
-        full = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size), float("-inf"))
-        return full.index_copy(-1, head_token_ids[keep], draft_logits[..., keep])
-    v = draft_logits.shape[-1]
-    if v > vocab_size:
-        return draft_logits[..., :vocab_size]
-    if v < vocab_size:
-        pad = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size - v), float("-inf"))
-        return torch.cat((draft_logits, pad), dim=-1)
-    return draft_logits
-
-
 def expected_acceptance(p: Tensor, q: Tensor) -> Tensor:
     """sum_x min(p(x), q(x)) over the last dimension."""
     # Leviathan et al. 2023, section 3.1: a token x ~ q is kept with probability

@@ -194,6 +194,20 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
     )
 
 
+def gguf_name(name: str) -> str:
+    """llama.cpp's name of a draftlm state-dict tensor (`layers.3.mlp.up_proj.weight` ->
+    `blk.3.ffn_up.weight`): the inverse of `draftlm_name`, for writing files."""
+    for theirs, ours in _GLOBAL_NAMES.items():
+        if ours == name:
+            return theirs
+    parts = name.split(".")
+    module = ".".join(parts[2:-1])
+    for part, ours in _BLOCK_NAMES.items():
+        if parts[0] == "layers" and ours == module:
+            return f"blk.{parts[1]}.{part}.{parts[-1]}"
+    raise DraftlmError(f"tensor {name!r} has no GGUF name (not a Llama/Qwen2 weight)")
+
+
 def draftlm_name(gguf_name: str) -> str | None:
     """draftlm state-dict name of a GGUF tensor name (None: not a tensor draftlm knows)."""
     if gguf_name in _GLOBAL_NAMES:

@@ -23,29 +23,10 @@ from torch import Tensor
 
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
-from draftlm.formats.gguf import open_gguf, permute_qk
+from draftlm.formats.gguf import gguf_name, open_gguf, permute_qk
 
 TENSOR_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                 "q8_0": gguf.GGMLQuantizationType.Q8_0}
-
-_GLOBAL = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-
-def gguf_tensor_name(name: str) -> str:
-    """llama.cpp's name of a draftlm state-dict tensor (`layers.3.mlp.up_proj.weight` ->
-    `blk.3.ffn_up.weight`)."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    parts = name.split(".")
-    if parts[0] != "layers" or ".".join(parts[2:-1]) not in _BLOCK:
-        raise DraftlmError(f"tensor {name!r} has no GGUF name (not a Llama/Qwen2 weight)")
-    return f"blk.{parts[1]}.{_BLOCK['.'.join(parts[2:-1])]}.{parts[-1]}"
-
 
 def architecture(config: ModelConfig) -> str:
     """GGUF arch: Qwen2 is Llama with q/k/v biases, and llama.cpp names it apart."""
@@ -125,9 +106,9 @@ def save_gguf(
         kind = qtype if data.ndim == 2 and data.shape[1] % 32 == 0 else TENSOR_TYPES["f32"]
         packed = gguf.quants.quantize(np.ascontiguousarray(data), kind)
         if kind in (TENSOR_TYPES["f32"], TENSOR_TYPES["f16"]):
-            writer.add_tensor(gguf_tensor_name(tensor_name), packed)
+            writer.add_tensor(gguf_name(tensor_name), packed)
         else:
-            writer.add_tensor(gguf_tensor_name(tensor_name), packed, raw_dtype=kind)
+            writer.add_tensor(gguf_name(tensor_name), packed, raw_dtype=kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

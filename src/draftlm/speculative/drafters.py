@@ -138,6 +138,26 @@ def vocab_compatible(target: Tokenizer, draft: Tokenizer) -> bool:
     return all(target_vocab.get(token) == i for token, i in draft_vocab.items())
 
 
+def fit_vocab(draft_logits: Tensor, vocab_size: int,
+              head_token_ids: Tensor | None = None) -> Tensor:
+    """Draft logits over the target's `vocab_size` ids, as `ModelDrafter` drafts and
+    `draftlm eval acceptance` scores them: ids the
+    draft lacks get -inf (its probabilities padded with zeros), ids beyond the target's are
+    cut (the engine never proposes them). A truncated head's column i is token
+    `head_token_ids[i]`."""
+    if head_token_ids is not None:
+        keep = head_token_ids < vocab_size
+        full = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy(-1, head_token_ids[keep], draft_logits[..., keep])
+    v = draft_logits.shape[-1]
+    if v > vocab_size:
+        return draft_logits[..., :vocab_size]
+    if v < vocab_size:
+        pad = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size - v), float("-inf"))
+        return torch.cat((draft_logits, pad), dim=-1)
+    return draft_logits
+
+
 class ModelDrafter(Drafter):
     """A draft model that shares the target's vocabulary and keeps its own KV cache.
 
@@ -180,20 +200,6 @@ class ModelDrafter(Drafter):
         decoder.setup_cache(1, self._capacity + slack)
         self._cached, self._uncommitted = [], None
 
-    def _fit_vocab(self, logits: Tensor) -> Tensor:
-        """Draft logits over the target's vocabulary: extra ids cut, missing ids impossible
-        (a truncated head's logits scattered to its tokens, the others impossible)."""
-        v = self.target_vocab_size
-        if self.head_token_ids is not None:
-            full = logits.new_full((*logits.shape[:-1], self.draft_vocab_size), float("-inf"))
-            logits = full.index_copy(-1, self.head_token_ids, logits)
-        if logits.shape[-1] > v:
-            return logits[..., :v]
-        if logits.shape[-1] < v:
-            pad = logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))
-            return torch.cat((logits, pad), dim=-1)
-        return logits
-
     def propose(
         self, context_ids: Sequence[int], max_tokens: int, params: SamplingParams,
         generator: torch.Generator,
@@ -217,7 +223,7 @@ class ModelDrafter(Drafter):
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
         for i in range(k):
-            logits = self._fit_vocab(logits.float())
+            logits = fit_vocab(logits.float(), self.target_vocab_size, self.head_token_ids)
             if params.greedy:
                 token = logits.argmax(-1)
             else:

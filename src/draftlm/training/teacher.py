@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from draftlm.data.loader import PackedTokens, permute
+from draftlm.data.loader import PackedTokens, epoch_seed, permute
 from draftlm.errors import DraftlmError
 from draftlm.load import LM, load
 
@@ -254,7 +254,7 @@ class TeacherLoader:
         for position in range(first, first + self.micro_batch_size):
             epoch, index = divmod(position, self.data.num_windows)
             window = int(permute(np.array([index]), self.data.num_windows,
-                                 (self.seed * 1_000_003 + epoch) & ((1 << 64) - 1))[0])
+                                 epoch_seed(self.seed, 0, epoch))[0])
             rows.append(self.data.read(window))
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
