@@ -8,6 +8,8 @@ the weights are assigned, so a large model is never allocated twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,8 +20,8 @@ import torch
 from draftlm.compile import CompiledDecoder
 from draftlm.config import ModelConfig
 from draftlm.errors import DraftlmError
-from draftlm.formats.gguf import read_gguf
-from draftlm.formats.hf import read_hf_folder, save_hf_folder
+from draftlm.formats.gguf import read_gguf, read_gguf_named
+from draftlm.formats.hf import read_hf_folder, read_hf_named, save_hf_folder
 from draftlm.formats.registry import REAL_MODELS, cache_dir, gguf_path
 from draftlm.model import Transformer
 from draftlm.quant.calibrate import cached_importance
@@ -44,6 +46,7 @@ class LM:
     config: ModelConfig
     name: str
     load_s: float = 0.0
+    source: Path | None = None  # the file or folder the weights came from
     decoder: Transformer | CompiledDecoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -205,8 +208,40 @@ def load(
         def importance() -> dict:
             return cached_importance(model, tokenizer, path)
     quantize_model(model, quantize, int4_groups, importance)
-    lm = LM(model, tokenizer, config, config.name if config.name != "custom" else name)
+    lm = LM(model, tokenizer, config, config.name if config.name != "custom" else name,
+            source=path)
     if compile_step:
         lm.compile(static_shapes=cuda_graphs)
     lm.load_s = time.perf_counter() - start
     return lm
+
+
+def float_weights(lm: LM, names: list[str]) -> dict[str, torch.Tensor]:
+    """Float tensors `names` of a loaded model: from the model itself where its layer is
+    not quantized, else read again from the file or folder it was loaded from (a
+    quantized layer keeps no float copy)."""
+    state = lm.model.state_dict()
+    out = {}
+    for name in names:
+        tensor = state.get(name)
+        if tensor is None and name == "lm_head.weight" and lm.config.tie_embeddings:
+            tensor = state.get("embed_tokens.weight")
+        if tensor is not None and tensor.is_floating_point():
+            out[name] = tensor.float()
+    missing = [name for name in names if name not in out]
+    if missing:
+        if lm.source is None:
+            raise DraftlmError(f"{lm.name} has quantized {missing[0]} and no source to read "
+                               "its float weights from")
+        read = read_gguf_named if lm.source.is_file() else read_hf_named
+        out.update({k: v.float() for k, v in read(lm.source, missing).items()})
+    return out
+
+
+def target_fingerprint(lm: LM) -> str:
+    """Identifies a model as a target that drafts and teacher shards are made for: its
+    configuration and tokenizer (two checkpoints of one architecture differ here only by
+    name, which manifests keep beside it). The same for every dtype and quantization."""
+    blob = json.dumps({"config": lm.config.to_dict(), "tokenizer": lm.tokenizer.fingerprint},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

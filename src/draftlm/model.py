@@ -262,6 +262,19 @@ class Transformer(nn.Module):
         `positions` [T], a device tensor, selects the static-shape pass of
         `compile.CompiledDecoder`: attention spans the whole cache under a mask, so no shape
         depends on the position and one CUDA graph replays at every step."""
+        x = self.features(input_ids, start_pos, positions)
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        return self.lm_head(x)
+
+    def features(
+        self, input_ids: Tensor, start_pos: int | None = None, positions: Tensor | None = None,
+        embeds: Tensor | None = None,
+    ) -> Tensor:
+        """The last layer's normalised hidden states [B, T, dim]: what the head reads, and
+        what a feature-level draft head (`speculative.feature_head`) drafts from. `embeds`
+        [B, T, dim] replaces the token embeddings (that head's fused token-and-feature
+        input)."""
         t = input_ids.shape[1]
         # CompiledDecoder checks and counts the positions of its compiled passes itself: an
         # int attribute read or written inside a graph would pin the graph to its value.
@@ -280,12 +293,9 @@ class Transformer(nn.Module):
             cos, sin = cos[start : start + t], sin[start : start + t]
             if start_pos is not None and t > 1 and start_pos > 0:
                 mask = past_mask(start_pos, t, input_ids.device)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, start_pos, positions)
-        x = self.norm(x)
         if counted:
             self.cache_len = start_pos + t
-        if num_logits is not None:
-            x = x[:, -num_logits:]
-        return self.lm_head(x)
+        return self.norm(x)

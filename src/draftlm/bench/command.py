@@ -32,6 +32,7 @@ from draftlm.speculative.factory import (
     drafter_from_options,
     load_draft_model,
 )
+from draftlm.speculative.feature_head import is_feature_head, load_feature_head
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
@@ -95,7 +96,9 @@ def run_bench(
     """Run our configurations; `draft_lms` maps draft sources to loaded models."""
     def make_drafter(config: BenchConfig) -> Any:
         draft_lm = draft_lms.get(config.source) if config.kind != "ngram" else None
-        return drafter_from_options(lm, config.draft_options(), draft_lm=draft_lm)
+        # A feature head (not among draft_lms) loads on the target, quantized as it is.
+        return drafter_from_options(lm, config.draft_options(),
+                                    LoadOptions(quantize=lm.quantization), draft_lm=draft_lm)
 
     prompt_ids = [lm.tokenizer.encode(p) for p in prompts]
     rows: list[BenchRow] = []
@@ -229,9 +232,13 @@ def cmd_bench(
               quantize=load_options.quantize, compile_step=load_options.compile_target,
               cuda_graphs=load_options.cuda_graphs)
     draft_lms = {d: load_draft_model(d, load_options, options.draft_dtype,
-                                     options.draft_quantize) for d in options.draft_models}
+                                     options.draft_quantize)
+                 for d in options.draft_models if not is_feature_head(d)}
     for name in options.drafts:  # fail before the first (long) run, not after it
-        check_same_tokenizer(lm, draft_lms[name], "--cross-draft")
+        if is_feature_head(name):
+            load_feature_head(name, lm)
+        else:
+            check_same_tokenizer(lm, draft_lms[name], "--cross-draft")
     rows = run_bench(lm, options.configs(), texts, max_new_tokens, draft_lms, temperature,
                      seed, log)
     torch_dtype = resolve_dtype(load_options.dtype, load_options.device)

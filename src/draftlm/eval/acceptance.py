@@ -45,6 +45,12 @@ from draftlm.quant.layers import QUANTIZE_MODES
 from draftlm.sampling import SamplingParams, logits_to_probs
 from draftlm.speculative import load_draft
 from draftlm.speculative.drafters import fit_vocab, vocab_compatible
+from draftlm.speculative.feature_head import (
+    FeatureHead,
+    HeadStep,
+    is_feature_head,
+    load_feature_head,
+)
 
 # The figures per position, in the order `position_acceptance` stacks them.
 RATES = ("greedy_match", "alpha", "alpha_at_temperature")
@@ -155,9 +161,21 @@ class FileAcceptance:
         return {r: s / self.num_positions for r, s in zip(RATES, self.sums, strict=True)}
 
 
+def draft_logits(draft: Transformer | FeatureHead, ids: Tensor, target_features: Tensor) -> Tensor:
+    """The draft's logits [T, V_draft] at every position of `ids` [1, T], teacher-forced. A
+    feature head's position j reads the target's feature h_{j-1} (zeros at the window's
+    first position, which has none) and token x_j, so it predicts what the target's
+    position j predicts: x_{j+1}."""
+    if isinstance(draft, FeatureHead):
+        previous = torch.cat((torch.zeros_like(target_features[:, :1]),
+                              target_features[:, :-1]), dim=1)
+        return draft(ids, previous)[1][0]
+    return draft(ids)[0]
+
+
 @torch.inference_mode()
-def score_ids(target: Transformer, draft: Transformer, ids: Sequence[int], window: int,
-              temperature: float, progress: Progress | None = None,
+def score_ids(target: Transformer, draft: Transformer | FeatureHead, ids: Sequence[int],
+              window: int, temperature: float, progress: Progress | None = None,
               description: str = "acceptance") -> Tensor:
     """Acceptance sums ([3], see `acceptance_sums`) over the positions after each of `ids`,
     one forward pass of each model per window of `window` ids."""
@@ -170,10 +188,11 @@ def score_ids(target: Transformer, draft: Transformer, ids: Sequence[int], windo
     task = progress.add_task(description, total=len(ids)) if progress is not None else None
     for start in range(0, len(ids), window):
         end = min(start + window, len(ids))
-        target_logits = target(seq[None, start:end])[0]
-        draft_logits = draft(draft_seq[None, start:end])[0]
-        total += acceptance_sums(target_logits, draft_logits, temperature,
-                                 draft.head_token_ids)
+        features = target.features(seq[None, start:end])
+        target_logits = target.lm_head(features)[0]
+        total += acceptance_sums(target_logits,
+                                 draft_logits(draft, draft_seq[None, start:end], features),
+                                 temperature, draft.head_token_ids)
         if progress is not None and task is not None:
             progress.advance(task, end - start)
     if progress is not None and task is not None:
@@ -224,14 +243,25 @@ def check_pair(target: LM, draft: LM, window: int) -> None:
                                f"({lm.config.max_seq_len})")
 
 
-def acceptance_report(target: LM, draft: LM, texts: Sequence[tuple[str, str]], window: int,
-                      max_tokens: int | None = None, temperature: float = 0.7,
+def acceptance_report(target: LM, draft: LM | FeatureHead, texts: Sequence[tuple[str, str]],
+                      window: int, max_tokens: int | None = None, temperature: float = 0.7,
                       timing_steps: int = 10, timing_context: int = 256,
-                      max_draft_tokens: int = 8, show_progress: bool = True) -> dict[str, Any]:
-    """The figures of `draftlm eval acceptance` for loaded models and (name, text) pairs."""
+                      max_draft_tokens: int = 8, show_progress: bool = True,
+                      draft_name: str = "feature-head") -> dict[str, Any]:
+    """The figures of `draftlm eval acceptance` for loaded models and (name, text) pairs.
+    `draft` is a draft model or a feature head loaded on `target` (`draft_name` names it);
+    a head's figures are those of its first drafted token (read from true features)."""
     check_arguments(window, max_tokens, temperature, timing_steps, timing_context,
                     max_draft_tokens)
-    check_pair(target, draft, window)
+    if isinstance(draft, FeatureHead):
+        draft_model: Transformer | FeatureHead = draft
+        timed: Transformer | HeadStep = HeadStep(draft)
+        draft_quantization = getattr(draft, "quantization", "none")
+        check_pair(target, target, window)
+    else:
+        check_pair(target, draft, window)
+        draft_model = timed = draft.model
+        draft_name, draft_quantization = draft.name, draft.quantization
     prefix = context_prefix(target)
     remaining = max_tokens
     files: list[FileAcceptance] = []
@@ -244,7 +274,7 @@ def acceptance_report(target: LM, draft: LM, texts: Sequence[tuple[str, str]], w
             # predicts a token of the text.
             ids = [prefix, *target.tokenizer.encode(text, add_bos=False)][:-1]
             ids = ids[:remaining]
-            sums = score_ids(target.model, draft.model, ids, window, temperature, progress,
+            sums = score_ids(target.model, draft_model, ids, window, temperature, progress,
                              description=Path(name).name)
             files.append(FileAcceptance(name, len(ids), sums.tolist()))
             if remaining is not None:
@@ -254,8 +284,8 @@ def acceptance_report(target: LM, draft: LM, texts: Sequence[tuple[str, str]], w
     rates = {r: sum(f.sums[i] for f in files) / num_positions for i, r in enumerate(RATES)}
     ks = list(range(1, max_draft_tokens + 1))
     report: dict[str, Any] = {
-        "target": target.name, "draft": draft.name, "dtype": str(target.dtype).removeprefix(
-            "torch."), "quantize": target.quantization, "draft_quantize": draft.quantization,
+        "target": target.name, "draft": draft_name, "dtype": str(target.dtype).removeprefix(
+            "torch."), "quantize": target.quantization, "draft_quantize": draft_quantization,
         "window": window, "num_positions": num_positions, "num_files": len(files),
         "temperature": temperature, **{r: round(v, 5) for r, v in rates.items()},
         "scoring_s": round(scoring_s, 3),
@@ -268,11 +298,10 @@ def acceptance_report(target: LM, draft: LM, texts: Sequence[tuple[str, str]], w
         context = [prefix, *target.tokenizer.encode(texts[0][1], add_bos=False)]
         context = context[: min(timing_context, window)]
         contexts = []
-        for lm in (target, draft):
-            ids = torch.tensor(context, device=lm.device)
-            contexts.append(ids.masked_fill(ids >= lm.config.vocab_size, 0))
-        target_s, draft_s = decode_step_seconds([target.model, draft.model], contexts,
-                                                timing_steps)
+        for config in (target.config, draft_model.config):
+            ids = torch.tensor(context, device=target.device)
+            contexts.append(ids.masked_fill(ids >= config.vocab_size, 0))
+        target_s, draft_s = decode_step_seconds([target.model, timed], contexts, timing_steps)
         cost = draft_s / target_s
         speedups = {r: [expected_speedup(a, k, cost) for k in ks] for r, a in rates.items()}
         report |= {
@@ -357,10 +386,13 @@ def cmd_acceptance(
                     max_draft_tokens)
     texts = read_texts(files)
     target_lm = load(target, dtype=dtype, device=device, quantize=quantize)
-    draft_lm = load_draft(draft, dtype, device, quantize if draft_quantize is None
-                          else draft_quantize)
-    report = acceptance_report(target_lm, draft_lm, texts, window, max_tokens, temperature,
-                               timing_steps, timing_context, max_draft_tokens)
+    draft_quantize = quantize if draft_quantize is None else draft_quantize
+    drafting: LM | FeatureHead = (
+        load_feature_head(draft, target_lm, draft_quantize) if is_feature_head(draft)
+        else load_draft(draft, dtype, device, draft_quantize))
+    report = acceptance_report(target_lm, drafting, texts, window, max_tokens, temperature,
+                               timing_steps, timing_context, max_draft_tokens,
+                               draft_name=Path(draft).name)
     if out is not None:
         write_report(report, out)
     if json_output:
@@ -376,7 +408,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "acceptance", help="teacher-forced acceptance rate of a draft model for its target")
     p.add_argument("files", nargs="+", help="UTF-8 text files (held-out text)")
     p.add_argument("--target", required=True, help="registry name, .gguf file or HF folder")
-    p.add_argument("--draft", required=True, help="draft model with the target's vocabulary")
+    p.add_argument("--draft", required=True, help="draft model with the target's vocabulary, "
+                   "or a feature head trained for the target")
     p.add_argument("--max-tokens", type=int, help="positions to score in all (default: all)")
     p.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
     p.add_argument("--temperature", type=float, default=0.7,

@@ -322,3 +322,23 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
                  if not isinstance(v, list) and k != "tokenizer.chat_template"}
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tokenizer,
                           metadata=printable)
+
+
+def read_gguf_named(path: str | Path, names: list[str]) -> dict[str, Tensor]:
+    """Only the tensors `names` (draftlm names) of a GGUF file, dequantized to float32."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader, arrays=False)
+    arch = meta["general.architecture"]
+    by_name = {draftlm_name(t.name): t for t in reader.tensors}
+    n_heads = int(_require(meta, f"{arch}.attention.head_count"))
+    n_kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    out: dict[str, Tensor] = {}
+    for name in names:
+        tensor = by_name.get(name)
+        if tensor is None and name == "lm_head.weight":  # a tied head: the embedding
+            tensor = by_name.get("embed_tokens.weight")
+        if tensor is None:
+            raise DraftlmError(f"GGUF file {path} has no tensor for {name!r}")
+        weight = torch.from_numpy(_dequantize(tensor))
+        out[name] = draftlm_layout(name, weight, arch, n_heads, n_kv_heads)
+    return out

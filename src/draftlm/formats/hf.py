@@ -215,6 +215,29 @@ def read_hf_tensors(
     return {name: tensors[name] for name in expected}  # model order, not file order
 
 
+def read_hf_named(folder: str | Path, names: list[str]) -> dict[str, Tensor]:
+    """Only the tensors `names` (draftlm names) of a folder, memory-mapped: a draft head
+    borrowing its target's output head reads one matrix, not the whole model."""
+    folder = _check_folder(folder)
+    files = _weight_files(folder)
+    hf_names = {_draftlm_name(hf): hf for hf in files}
+    out: dict[str, Tensor] = {}
+    for name in names:
+        stored = name
+        if stored not in hf_names and name == "lm_head.weight":  # a tied head
+            stored = "embed_tokens.weight"
+        if stored not in hf_names:
+            raise DraftlmError(f"{folder} has no tensor {name!r}")
+        path = files[hf_names[stored]]
+        with _open_safetensors(path) as f:
+            try:
+                out[name] = f.get_tensor(hf_names[stored])
+            except (SafetensorError, RuntimeError, ValueError) as err:
+                raise DraftlmError(f"tensor {name!r} in {path} cannot be read ({err}); the "
+                                   "file is damaged") from err
+    return out
+
+
 def read_hf_tokenizer(folder: str | Path, config: ModelConfig | None = None) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json), else a converted SentencePiece tokenizer.model.
 

@@ -50,7 +50,11 @@ def speculative_decode(
     device = lm.device
     start = time.perf_counter()
     slack = 0
-    if isinstance(decoder, CompiledDecoder) and drafter.max_draft_length + 1 <= SMALL_STEP:
+    # A feature drafter reads the target's hidden states: its passes run as `features` +
+    # head on the model itself (eager) and hand the features over.
+    features = drafter.wants_features
+    if (isinstance(decoder, CompiledDecoder) and not features
+            and drafter.max_draft_length + 1 <= SMALL_STEP):
         # A compiled target verifies through one padded graph of max draft + 1 tokens.
         decoder.compile_verify(drafter.max_draft_length + 1)
         slack = min(drafter.max_draft_length, lm.config.max_seq_len - cache_len)
@@ -58,7 +62,11 @@ def speculative_decode(
     drafter.begin(prompt_ids, cache_len, device)
     ids = [int(t) for t in prompt_ids]
     if len(ids) > 1:  # the last prompt token goes in with the first draft
-        decoder(torch.tensor([ids[:-1]], device=device), start_pos=0, num_logits=1)
+        prompt = torch.tensor([ids[:-1]], device=device)
+        if features:
+            drafter.observe(0, lm.model.features(prompt, start_pos=0)[0])
+        else:
+            decoder(prompt, start_pos=0, num_logits=1)
     prefill_s = time.perf_counter() - start
     draft_s = verify_s = 0.0
     num_forwards = num_drafted = num_accepted = 0
@@ -72,7 +80,12 @@ def speculative_decode(
         k = len(draft)
         start_pos = len(ids) - 1
         last = torch.tensor([ids[-1]], device=device)
-        logits = decoder(torch.cat((last, draft.tokens)).view(1, -1), start_pos=start_pos)[0]
+        fed = torch.cat((last, draft.tokens)).view(1, -1)
+        if features:
+            hidden = lm.model.features(fed, start_pos=start_pos)[0]
+            logits = lm.model.lm_head(hidden)
+        else:
+            logits = decoder(fed, start_pos=start_pos)[0]
         if num_forwards == 0:
             check_finite(logits[:1], lm.name)
         if params.greedy:
@@ -86,6 +99,8 @@ def speculative_decode(
         n = values[0]
         new_tokens = [*values[2 : 2 + n], values[1]]
         decoder.rollback(start_pos + 1 + n)
+        if features:
+            drafter.observe(start_pos, hidden[: n + 1])
         draft_s += t1 - t0
         verify_s += time.perf_counter() - t1
         num_forwards += 1

@@ -84,6 +84,9 @@ class Drafter(ABC):
     """Proposes continuations of the target's context; knows nothing of acceptance."""
 
     name: str = "drafter"
+    # True for drafters that read the target's features (`observe`): the engine then runs
+    # the target's verify passes as `features` + head and hands the features over.
+    wants_features: bool = False
 
     def __init__(self, num_draft_tokens: int, adaptive: bool = True) -> None:
         self.policy = DraftLengthPolicy(num_draft_tokens, adaptive)
@@ -107,6 +110,10 @@ class Drafter(ABC):
     def update(self, num_drafted: int, num_accepted: int) -> None:
         """Told after every round how much of the last draft the target kept."""
         self.policy.update(num_drafted, num_accepted)
+
+    def observe(self, start_pos: int, features: Tensor) -> None:  # noqa: B027 (optional)
+        """The target's features [n, dim] of positions start_pos.. once they are verified
+        (called only when `wants_features`)."""
 
     @abstractmethod
     def propose(

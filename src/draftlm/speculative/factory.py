@@ -4,6 +4,8 @@ tokenizer is checked against the target's, in one way only."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from draftlm.errors import DraftlmError
@@ -15,6 +17,11 @@ from draftlm.speculative.drafters import (
     ModelDrafter,
     NgramDrafter,
     vocab_compatible,
+)
+from draftlm.speculative.feature_head import (
+    FeatureDrafter,
+    is_feature_head,
+    load_feature_head,
 )
 
 
@@ -48,6 +55,15 @@ def drafter_from_options(
                             draft_options.adaptive)
     if draft_options.draft is None:
         return None
+    if draft_lm is None and is_feature_head(draft_options.draft):
+        if draft_options.cross_tokenizer:
+            raise DraftlmError("a feature head drafts from its target's features: it cannot "
+                               "use --cross-tokenizer")
+        quantize = draft_options.draft_quantize or load_options.quantize
+        head = load_feature_head(draft_options.draft, lm, quantize)
+        return FeatureDrafter(head, lm, draft_options.num_draft_tokens, draft_options.adaptive,
+                              draft_options.min_confidence,
+                              name=Path(draft_options.draft).name)
     if draft_lm is None:
         draft_lm = load_draft_model(draft_options.draft, load_options,
                                     draft_options.draft_dtype, draft_options.draft_quantize)

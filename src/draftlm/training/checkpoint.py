@@ -264,8 +264,10 @@ def export_gguf(source: str | Path, output: str | Path, tokenizer_gguf: str | Pa
 def initial_model(cfg: TrainConfig, data_tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer]:
     """The model to start from: `init` (finetune) or a fresh preset (pretrain)."""
     if cfg.init is None:
-        config = ModelConfig.from_name(cfg.model).with_(
-            bos_id=data_tokenizer.bos_id, eos_ids=data_tokenizer.eos_ids, **cfg.model_overrides)
+        overrides = {"bos_id": data_tokenizer.bos_id, "eos_ids": data_tokenizer.eos_ids,
+                     **cfg.model_overrides}  # a recipe's own ids win
+        overrides["eos_ids"] = tuple(overrides["eos_ids"])
+        config = ModelConfig.from_name(cfg.model).with_(**overrides)
         model = Transformer(config)
         model.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
         return model, data_tokenizer

@@ -97,11 +97,13 @@ def teacher(
     target: str, data: str, output: str, num_windows: int, seq_len: int = 512,
     top_k: int = 32, windows_per_shard: int = 8, split: str = "train", seed: int = 0,
     quantize: str = "none", dtype: str = "auto", max_minutes: float | None = None,
+    features: bool = False,
 ) -> dict[str, Any]:
-    """Compute a target's top-k distributions over prepared windows into teacher shards
-    (resumable: run it again to continue or to add windows)."""
+    """Compute a target's top-k distributions (and with `features` its last hidden states)
+    over prepared windows into teacher shards (resumable: run it again to continue)."""
     manifest = compute_teacher(target, data, output, num_windows, seq_len, top_k,
-                               windows_per_shard, split, seed, quantize, dtype, max_minutes)
+                               windows_per_shard, split, seed, quantize, dtype, max_minutes,
+                               features=features)
     done = sum(shard["num_windows"] for shard in manifest["shards"])
     summary = {"output": output, "target": manifest["target_name"], "windows": done,
                "tokens": done * seq_len, "complete": manifest["complete"],
@@ -187,6 +189,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-minutes", type=float,
                    help="stop after the shard that crosses this (run again to continue)")
+    p.add_argument("--features", action="store_true",
+                   help="also store the target's last hidden states (to train a feature head)")
     p.set_defaults(func=teacher)
     p = subparsers.add_parser("train-draft", help="distil a draft model from teacher shards")
     p.add_argument("--teacher", help="teacher folder (`draftlm teacher`)")

@@ -59,6 +59,12 @@ class TrainConfig:
     init_layers: list[int] | None = None  # keep only these blocks of `init` (pruning)
     head_vocab_size: int | None = None  # truncated head over the most frequent tokens
     freeze_embeddings: bool = False  # keep the input embedding as `init` has it
+    # ---- a feature-level draft head (EAGLE): `draft_kind: feature-head` ----
+    draft_kind: str = "model"  # model (a standalone draft) | feature-head (reads the target)
+    feature_intermediate_size: int | None = None  # the head's MLP width (None: the target's)
+    feature_regression: float = 10.0  # weight of the next-feature regression (EAGLE: 10:1)
+    feature_noise: float = 0.2  # uniform noise of this width on the input features
+    val_teacher: str | None = None  # held-out teacher folder (with features) for validation
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -95,7 +101,8 @@ class TrainConfig:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         return {"model_config": model_config.to_dict(), "seq_len": self.seq_len,
                 "global_batch_tokens": self.global_batch_tokens, "data": self.data,
-                "seed": self.seed, "teacher": self.teacher, "distill_loss": self.distill_loss}
+                "seed": self.seed, "teacher": self.teacher, "distill_loss": self.distill_loss,
+                **({"draft_kind": self.draft_kind} if self.draft_kind != "model" else {})}
 
 
 def resolve_config(

@@ -8,7 +8,9 @@ run that trains a draft for that target (DistillSpec's "offline" setting).
 A teacher folder holds `manifest.json` and shards `teacher-NNNNN.safetensors`, each with
 `tokens` [n, seq_len + 1] (the window, so that the shards alone train a draft),
 `topk_ids` [n, seq_len, k] (int32) and `topk_logprobs` [n, seq_len, k] (float16; log-
-probabilities under the full softmax, so the tail's mass is 1 - sum exp). Windows are
+probabilities under the full softmax, so the tail's mass is 1 - sum exp), and with
+`features` also `features` [n, seq_len, dim] (bfloat16): the target's last normalised hidden
+states, which a feature-level draft head (EAGLE) learns to continue. Windows are
 taken from a prepared dataset (`draftlm prepare`) in a seeded random order; a shard is
 written to a temporary file and renamed, then the manifest is rewritten, so an
 interrupted run resumes after the last whole shard and never leaves one that loads.
@@ -20,7 +22,6 @@ for one target refuses shards made by another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from draftlm.data.loader import PackedTokens, epoch_seed, permute
 from draftlm.errors import DraftlmError
-from draftlm.load import LM, load
+from draftlm.load import LM, load, target_fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -56,20 +57,13 @@ class TeacherSpec:
     seed: int = 0
     quantize: str = "none"
     dtype: str = "auto"
+    features: bool = False  # also store the target's last hidden states (feature heads)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise DraftlmError(f"teacher seq_len must be >= 2, got {self.seq_len}")
         if not 1 <= self.top_k <= 1024:
             raise DraftlmError(f"teacher top_k must be in [1, 1024], got {self.top_k}")
-
-
-def target_fingerprint(lm: LM) -> str:
-    """Identifies a target: its configuration and tokenizer (two checkpoints of one
-    architecture differ here only by name, which the manifest keeps beside it)."""
-    blob = json.dumps({"config": lm.config.to_dict(), "tokenizer": lm.tokenizer.fingerprint},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -93,16 +87,21 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 @torch.inference_mode()
-def teacher_targets(lm: LM, windows: torch.Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """(ids int32 [n, L, k], log-probs float16 [n, L, k]) of the target over the first L
-    tokens of each window [n, L + 1], one window per forward pass (bounded memory)."""
-    ids, logprobs = [], []
+def teacher_targets(lm: LM, windows: torch.Tensor, top_k: int,
+                    features: bool = False) -> dict[str, Tensor]:
+    """`topk_ids` (int32 [n, L, k]) and `topk_logprobs` (float16 [n, L, k]) of the target
+    over the first L tokens of each window [n, L + 1], and with `features` its last hidden
+    states (bfloat16 [n, L, dim]); one window per forward pass (bounded memory)."""
+    out: dict[str, list[Tensor]] = {"topk_ids": [], "topk_logprobs": [], "features": []}
     for window in windows:
-        logits = lm.model(window[None, :-1].to(lm.device))[0].float()
+        hidden = lm.model.features(window[None, :-1].to(lm.device))
+        logits = lm.model.lm_head(hidden)[0].float()
         top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-        ids.append(top.indices.to(torch.int32).cpu())
-        logprobs.append(top.values.to(torch.float16).cpu())
-    return torch.stack(ids), torch.stack(logprobs)
+        out["topk_ids"].append(top.indices.to(torch.int32).cpu())
+        out["topk_logprobs"].append(top.values.to(torch.float16).cpu())
+        if features:
+            out["features"].append(hidden[0].to(torch.bfloat16).cpu())
+    return {key: torch.stack(value) for key, value in out.items() if value}
 
 
 def compute_teacher(
@@ -119,11 +118,13 @@ def compute_teacher(
     dtype: str = "auto",
     max_minutes: float | None = None,
     progress: bool = True,
+    features: bool = False,
 ) -> dict[str, Any]:
     """Compute (or continue computing) `num_windows` windows of teacher targets into
     `output`. `max_minutes` stops after the shard that crosses it (a time-sliced job:
     run the same command again to continue). Returns the manifest."""
-    spec = TeacherSpec(target, str(data), split, seq_len, top_k, seed, quantize, dtype)
+    spec = TeacherSpec(target, str(data), split, seq_len, top_k, seed, quantize, dtype,
+                       features)
     if num_windows < 1:
         raise DraftlmError(f"--num-windows must be >= 1, got {num_windows}")
     if windows_per_shard < 1:
@@ -135,7 +136,7 @@ def compute_teacher(
         raise DraftlmError(f"{data} holds {available} {split} windows of {seq_len + 1} tokens, "
                            f"fewer than --num-windows {num_windows}")
     manifest = _read_manifest(folder)
-    if manifest is not None and manifest["spec"] != asdict(spec):
+    if manifest is not None and TeacherSpec(**manifest["spec"]) != spec:
         raise DraftlmError(f"{folder} holds teacher shards made with other settings "
                            f"({manifest['spec']}); use another --output")
     lm = load(target, dtype=dtype, quantize=quantize)
@@ -165,12 +166,11 @@ def compute_teacher(
             rows = [source.read(int(w) * seq_len, seq_len + 1) for w in order[done:done + count]]
             windows = torch.from_numpy(np.stack(rows))
             start = time.perf_counter()
-            ids, logprobs = teacher_targets(lm, windows, top_k)
+            targets = teacher_targets(lm, windows, top_k, features)
             seconds = time.perf_counter() - start
             name = f"teacher-{len(manifest['shards']):05d}.safetensors"
             tmp = folder / f".{name}.tmp-{os.getpid()}"
-            save_file({"tokens": windows.to(torch.int64), "topk_ids": ids,
-                       "topk_logprobs": logprobs}, str(tmp))
+            save_file({"tokens": windows.to(torch.int64), **targets}, str(tmp))
             os.replace(tmp, folder / name)
             manifest["shards"].append({"file": name, "num_windows": count,
                                        "first_window": done})

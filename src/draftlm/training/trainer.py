@@ -24,6 +24,7 @@ from draftlm.data.loader import PackedTokens, TokenLoader, check_same_tokenizer,
 from draftlm.errors import DraftlmError
 from draftlm.formats.hf import save_hf_folder
 from draftlm.model import Transformer
+from draftlm.speculative.feature_head import save_feature_head
 from draftlm.tokenizer import Tokenizer
 from draftlm.training.checkpoint import (
     initial_model,
@@ -46,6 +47,11 @@ from draftlm.training.distributed import (
     shutdown,
 )
 from draftlm.training.draft import frequent_tokens, prune, token_counts
+from draftlm.training.feature_head import (
+    build_feature_head,
+    evaluate_feature_head,
+    feature_head_loss,
+)
 from draftlm.training.metrics import (
     MetricsLogger,
     ProgressBar,
@@ -54,7 +60,7 @@ from draftlm.training.metrics import (
     flops_per_token,
     plot_loss_curve,
 )
-from draftlm.training.teacher import TeacherLoader
+from draftlm.training.teacher import TeacherLoader, TeacherWindows
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -99,14 +105,27 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, resume: bool) -> None:
         self.cfg, self.info = cfg, info
+        # Training's own randomness (a feature head's input noise) from the recipe's seed,
+        # per rank; checkpoints carry the RNG state on from here.
+        torch.manual_seed(cfg.seed + info.rank)
         self.grad_accum = grad_accum_steps(cfg, info)
         self.out = Path(cfg.out_dir).expanduser()
         self.loader, self.val_data, data_folder = build_data(cfg, info)
         data_tokenizer = Tokenizer.from_folder(Path(data_folder) / "tokenizer")
-        self.model, self.tokenizer = initial_model(cfg, data_tokenizer)
-        if cfg.init_layers is not None or cfg.head_vocab_size is not None:
+        self.feature_head = cfg.draft_kind == "feature-head"
+        if self.feature_head:
+            assert isinstance(self.loader, TeacherLoader)  # build_data checked it
+            head_ids = frequent_head_tokens(self.loader, cfg.head_vocab_size,
+                                            data_tokenizer.eos_ids)
+            self.model = build_feature_head(self.loader.data.spec.target, head_ids,
+                                            cfg.feature_intermediate_size, cfg.seed)
+            self.tokenizer = data_tokenizer
+        else:
+            self.model, self.tokenizer = initial_model(cfg, data_tokenizer)
+        if not self.feature_head and (cfg.init_layers is not None
+                                      or cfg.head_vocab_size is not None):
             self.model = shape_draft(self.model, cfg, self.loader)
-        if cfg.freeze_embeddings:
+        if cfg.freeze_embeddings and not self.feature_head:
             # A draft's embedding is its sibling's, already trained on the target's
             # tokenizer; frozen, it needs no gradient or optimizer state (a 151,936-token
             # table is most of a small draft's parameters). A tied head stays trainable
@@ -128,6 +147,8 @@ class Trainer:
             if info.is_main else None
         self.peak_flops = cfg.peak_flops or default_peak_flops(info.device)
         self.flops_per_token = flops_per_token(self.config, cfg.seq_len)
+        if self.feature_head:  # fc: [2 dim -> dim], forward and backward
+            self.flops_per_token += 6.0 * 2 * self.config.dim ** 2
 
     def _restore(self, resume: bool) -> int:
         """The step to start from: the last checkpoint's when resuming, else 0."""
@@ -187,15 +208,7 @@ class Trainer:
             else:
                 tokens = batch.to(self.info.device, non_blocking=True)
             with gradient_sync(self.wrapped, micro == self.grad_accum - 1):
-                with maybe_autocast(self.info.device, self.autocast):
-                    logits = self.wrapped(tokens[:, :-1])
-                if isinstance(batch, dict):
-                    loss = distill_loss(self.cfg.distill_loss, logits, batch["topk_ids"].long(),
-                                        batch["topk_logprobs"], tokens[:, 1:],
-                                        self.model.head_token_ids)
-                else:
-                    loss = distill_loss("ce", logits, None, None, tokens[:, 1:],
-                                        self.model.head_token_ids)
+                loss = self.loss(batch, tokens)
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -203,6 +216,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return lr, loss_sum, grad_norm
+
+    def loss(self, batch: dict[str, torch.Tensor] | torch.Tensor,
+             tokens: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss: plain next-token cross-entropy, distillation from teacher
+        windows, or a feature head's EAGLE loss."""
+        cfg, head_ids = self.cfg, self.model.head_token_ids
+        if self.feature_head:
+            assert isinstance(batch, dict)
+            with maybe_autocast(self.info.device, self.autocast):
+                loss, _ = feature_head_loss(self.wrapped, batch, cfg.distill_loss,
+                                            cfg.feature_regression, cfg.feature_noise,
+                                            head_ids)
+            return loss
+        with maybe_autocast(self.info.device, self.autocast):
+            logits = self.wrapped(tokens[:, :-1])
+        if isinstance(batch, dict):
+            return distill_loss(cfg.distill_loss, logits, batch["topk_ids"].long(),
+                                batch["topk_logprobs"], tokens[:, 1:], head_ids)
+        return distill_loss("ce", logits, None, None, tokens[:, 1:], head_ids)
 
     def log_start(self) -> None:
         """The run's settings, first in a fresh run's metrics (rank 0)."""
@@ -237,11 +269,29 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation loss and perplexity at this step, logged (rank 0); {} with no
         validation data."""
+        if self.feature_head:
+            return self.validate_feature_head()
         val = evaluate(self.wrapped, self.val_data, self.cfg, self.info, self.autocast,
                        self.model.head_token_ids)
         if val is None:
             return {}
         record = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        if self.logger is not None:
+            self.logger.log(record)
+        return record
+
+    def validate_feature_head(self) -> dict[str, Any]:
+        """A feature head's validation on `val_teacher` (rank 0; {} without one)."""
+        cfg = self.cfg
+        if cfg.val_teacher is None or not self.info.is_main:
+            return {}
+        with maybe_autocast(self.info.device, self.autocast):
+            val = evaluate_feature_head(self.model, cfg.val_teacher, cfg.eval_sequences,
+                                        cfg.distill_loss, cfg.feature_regression,
+                                        self.model.head_token_ids)
+        if val is None:
+            return {}
+        record = {"step": self.step, **val}
         if self.logger is not None:
             self.logger.log(record)
         return record
@@ -255,7 +305,14 @@ class Trainer:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Export the model once the schedule is complete, and draw the loss curve."""
-        if self.cfg.export and self.step == self.cfg.max_steps:
+        if self.cfg.export and self.step == self.cfg.max_steps and self.feature_head:
+            if self.info.is_main:
+                manifest = self.loader.data.manifest
+                save_feature_head(self.out / "final", self.model, manifest["target_name"],
+                                  manifest["target_fingerprint"],
+                                  manifest["tokenizer_fingerprint"])
+                summary["export"] = str(self.out / "final")
+        elif self.cfg.export and self.step == self.cfg.max_steps:
             tensors = model_state(self.model, tied=False)  # every rank: FSDP gathers
             if self.info.is_main:
                 save_hf_folder(self.out / "final", self.config, tensors, self.tokenizer)
@@ -285,6 +342,11 @@ def build_data(
     """This rank's training loader, the validation splits (all of one tokenizer) and the
     prepared folder whose tokenizer they use. With a teacher, training windows and their
     target distributions come from the teacher folder, validation from its source data."""
+    if cfg.draft_kind not in DRAFT_KINDS:
+        raise DraftlmError(f"draft_kind must be one of {', '.join(DRAFT_KINDS)}, got "
+                           f"{cfg.draft_kind!r}")
+    if cfg.draft_kind == "feature-head":
+        check_feature_head_recipe(cfg)
     if cfg.distill_loss not in LOSSES:
         raise DraftlmError(f"distill_loss must be one of {', '.join(LOSSES)}, got "
                            f"{cfg.distill_loss!r}")
@@ -312,25 +374,50 @@ def build_data(
     return loader, val_data, datasets[0][0]
 
 
+DRAFT_KINDS = ("model", "feature-head")
+
+
+def check_feature_head_recipe(cfg: TrainConfig) -> None:
+    """A feature head trains on teacher windows that hold the target's features."""
+    if cfg.teacher is None:
+        raise DraftlmError("draft_kind feature-head trains on teacher shards: set `teacher`")
+    for folder in (cfg.teacher, cfg.val_teacher):
+        if folder is not None and not TeacherWindows(folder).spec.features:
+            raise DraftlmError(f"{folder} holds no target features: a feature head needs "
+                               "`draftlm teacher --features`")
+    if cfg.init is not None or cfg.init_layers is not None:
+        raise DraftlmError("a feature head starts from its target's last layer: leave `init` "
+                           "and `init_layers` out")
+
+
 # Tokens of each dataset counted to pick a truncated head's tokens.
 HEAD_COUNT_TOKENS = 1 << 24
+
+
+def frequent_head_tokens(loader: TokenLoader | TeacherLoader, size: int | None,
+                         eos_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The `size` tokens most frequent in the training corpus plus the end-of-generation
+    tokens (all tokens when `size` is None): a truncated head's rows. Frequencies of the
+    corpus (for a teacher: the data its windows came from), not of the teacher's windows
+    alone, since a few thousand windows leave most tokens unseen. Deterministic, so a
+    resumed run rebuilds the same head."""
+    data = [PackedTokens(loader.data.spec.data, loader.data.spec.split)] \
+        if isinstance(loader, TeacherLoader) else loader.data
+    vocab_size = data[0].vocab_size
+    if size is None:
+        return torch.arange(vocab_size)
+    windows = (torch.from_numpy(d.read(0, min(d.num_tokens, HEAD_COUNT_TOKENS))) for d in data)
+    return frequent_tokens(token_counts(windows, vocab_size), size, eos_ids)
 
 
 def shape_draft(model: Transformer, cfg: TrainConfig,
                 loader: TokenLoader | TeacherLoader) -> Transformer:
     """`init_layers` and `head_vocab_size` applied to the starting model (`training.draft`):
-    the head keeps the tokens most frequent in the training windows, plus the model's
-    end-of-generation tokens. Deterministic, so a resumed run rebuilds the same shape."""
+    the head keeps the tokens most frequent in the training corpus, plus the model's
+    end-of-generation tokens."""
     head_ids = None
     if cfg.head_vocab_size is not None:
-        # Frequencies of the corpus (for a teacher: the data its windows came from), not of
-        # the teacher's windows alone: a few thousand windows leave most tokens unseen.
-        data = [PackedTokens(loader.data.spec.data, loader.data.spec.split)] \
-            if isinstance(loader, TeacherLoader) else loader.data
-        windows = (torch.from_numpy(d.read(0, min(d.num_tokens, HEAD_COUNT_TOKENS)))
-                   for d in data)
-        counts = token_counts(windows, model.config.vocab_size)
-        head_ids = frequent_tokens(counts, cfg.head_vocab_size, model.config.eos_ids)
+        head_ids = frequent_head_tokens(loader, cfg.head_vocab_size, model.config.eos_ids)
     return prune(model, cfg.init_layers, head_ids)
 
 
