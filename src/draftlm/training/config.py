@@ -62,7 +62,9 @@ class TrainConfig:
     # ---- a feature-level draft head (EAGLE): `draft_kind: feature-head` ----
     draft_kind: str = "model"  # model (a standalone draft) | feature-head (reads the target)
     feature_intermediate_size: int | None = None  # the head's MLP width (None: the target's)
-    feature_regression: float = 10.0  # weight of the next-feature regression (EAGLE: 10:1)
+    # Weight of the next-feature regression beside the distillation loss. EAGLE weighs them
+    # 10:1 on Llama's features; Qwen2's final norm makes its features ~10x larger, so 1:1.
+    feature_regression: float = 1.0
     feature_noise: float = 0.2  # uniform noise of this width on the input features
     val_teacher: str | None = None  # held-out teacher folder (with features) for validation
 
