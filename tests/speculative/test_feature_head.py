@@ -218,3 +218,67 @@ def test_eval_acceptance_scores_a_head_from_true_features(trained, tmp_path) -> 
     assert trained_report["draft"] == "final" and trained_report["num_positions"] > 500
     assert trained_report["greedy_match"] > untrained_report["greedy_match"] + 0.2
     assert 0 < trained_report["cost_ratio"] and len(trained_report["speedup"]["alpha"]) == 4
+
+
+# ---- heads shipped in draftlm/trained -------------------------------------------------------
+def test_a_damaged_shipped_file_is_refused(trained, tmp_path) -> None:
+    from draftlm.formats.registry import sha256_file
+    from draftlm.speculative.feature_head import verify_checksums
+
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((trained["head"] / name).read_bytes())
+    (folder / "SHA256SUMS").write_text("".join(
+        f"{sha256_file(folder / n)}  {n}\n" for n in ("config.json", "model.safetensors")))
+    verify_checksums(folder)
+    load_feature_head(folder, target_lm(trained))
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DraftlmError, match="does not match its SHA-256"):
+        load_feature_head(folder, target_lm(trained))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(DraftlmError, match="is missing"):
+        verify_checksums(folder)
+
+
+SHIPPED = sorted(__import__("draftlm.speculative.feature_head", fromlist=["x"])
+                 .trained_heads().items())
+
+
+@pytest.mark.parametrize(("name", "folder"), SHIPPED, ids=[n for n, _ in SHIPPED])
+def test_shipped_heads_are_whole_and_documented(name, folder) -> None:
+    """Each head in draftlm/trained: its checksums match, it fits the 64 MB budget, and its
+    recipe, data manifest and training summary are there, naming a registry target."""
+    from draftlm.formats.registry import REAL_MODELS
+    from draftlm.speculative.feature_head import head_folder, read_head_config, verify_checksums
+
+    assert head_folder(name) == folder
+    verify_checksums(folder)
+    listed = {line.split("  ")[1] for line in (folder / "SHA256SUMS").read_text().splitlines()}
+    assert {"config.json", "model.safetensors", "recipe.yaml", "data.json",
+            "training.json"} <= listed
+    assert (folder / "model.safetensors").stat().st_size <= 64 << 20
+    meta = read_head_config(folder)
+    assert meta["target"] in REAL_MODELS
+    summary = json.loads((folder / "training.json").read_text())
+    assert summary["loss_last"] < summary["loss_first"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "folder"), SHIPPED, ids=[n for n, _ in SHIPPED])
+def test_shipped_heads_draft_exactly_for_their_target(name, folder) -> None:
+    from draftlm.formats.registry import is_installed
+    from draftlm.speculative.feature_head import read_head_config
+
+    target_name = read_head_config(folder)["target"]
+    if not is_installed(target_name):
+        pytest.skip(f"{target_name} is not installed (pip install 'draftlm[models]')")
+    target = load(target_name, quantize="int8")
+    drafter = drafter_from_options(target, DraftOptions(draft=name, num_draft_tokens=4))
+    prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    result = generate(target, prompt, max_new_tokens=48, drafter=drafter)
+    assert result.token_ids == generate(target, prompt, max_new_tokens=48).token_ids
+    assert result.stats["acceptance_rate"] > 0.3
