@@ -174,6 +174,14 @@ def test_one_token_prompts_and_sampling(trained) -> None:
     runs = [generate(target, PROMPT, max_new_tokens=24, temperature=1.0, seed=s,
                      drafter=drafter).token_ids for s in (4, 4, 5)]
     assert runs[0] == runs[1] != runs[2]
+    # Ending drafts at unsure tokens drafts less, and changes nothing of the output.
+    unsure = drafter_from_options(target, DraftOptions(draft=str(trained["head"]),
+                                                       num_draft_tokens=3, adaptive=False,
+                                                       min_confidence=0.99))
+    short = generate(target, PROMPT, max_new_tokens=24, drafter=unsure)
+    full = generate(target, PROMPT, max_new_tokens=24, drafter=drafter)
+    assert short.token_ids == full.token_ids
+    assert short.stats["num_drafted"] < 3 * short.stats["target_forwards"]
 
 
 def test_a_head_refuses_another_target(trained, tmp_path) -> None:

@@ -323,19 +323,21 @@ class FeatureDrafter(Drafter):
         guess, logits = guess[0, -1:], logits[0, -1]
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
+        head_ids = self.head.head_token_ids
         for i in range(k):
-            full = fit_vocab(logits.float(), self.target_vocab_size, self.head.head_token_ids)
             if params.greedy:
-                token = full.argmax(-1)
+                # The head's rows are the only tokens it can propose: no full-vocabulary row.
+                token = head_ids[logits.argmax(-1)]
             else:
-                q = logits_to_probs(full, params)
+                q = logits_to_probs(fit_vocab(logits.float(), self.target_vocab_size, head_ids),
+                                    params)
                 token = sample(q, generator)
                 probs.append(q)
             tokens.append(token)
             if i == k - 1:
                 break
             if self.min_confidence is not None:
-                top = probs[-1].max() if probs else full.softmax(-1).max()
+                top = probs[-1].max() if probs else logits.float().softmax(-1).max()
                 if float(top) < self.min_confidence:
                     break
             guess, logits = self.head(token.view(1, 1), guess[None], start_pos=end + i)
