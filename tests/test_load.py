@@ -23,5 +23,9 @@ def test_dtype_names() -> None:
     assert resolve_dtype("float32", "cpu") is torch.float32
     assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    # Quantized CPU layers read float32 activations: auto never picks bfloat16 for them.
+    for mode in ("int8", "int4", "int4-mixed"):
+        assert resolve_dtype("auto", "cpu", mode) is torch.float32
+    assert resolve_dtype("bfloat16", "cpu", "int8") is torch.bfloat16  # asked for: kept
     with pytest.raises(DraftlmError, match="unknown dtype"):
         resolve_dtype("int3", "cpu")

@@ -241,7 +241,7 @@ def cmd_bench(
             check_same_tokenizer(lm, draft_lms[name], "--cross-draft")
     rows = run_bench(lm, options.configs(), texts, max_new_tokens, draft_lms, temperature,
                      seed, log)
-    torch_dtype = resolve_dtype(load_options.dtype, load_options.device)
+    torch_dtype = resolve_dtype(load_options.dtype, load_options.device, load_options.quantize)
     prompt_ids = [lm.tokenizer.encode(p) for p in texts]
     del lm, draft_lms
     gc.collect()  # two copies of the target do not fit a small machine
