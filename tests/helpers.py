@@ -105,3 +105,26 @@ def permuted_draft(target: LM, noise: float) -> LM:
         for weight in (model.embed_tokens.weight, model.lm_head.weight):
             weight[perm] = weight.clone()
     return LM(model, tokenizer, target.config, "permuted")
+
+
+# ---- bench peers run in a child process: importable stand-ins for them ----------------------
+def crashing_peer(*args) -> list:
+    """A native peer that segfaults (as llama.cpp's repacked-weights path did)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return []
+
+
+def failing_peer(*args) -> list:
+    from draftlm.errors import DraftlmError
+
+    raise DraftlmError("--peer test needs a package that is not installed")
+
+
+def counting_peer(num_tokens: int) -> list:
+    from draftlm.bench.records import BenchConfig, BenchRow
+
+    return [BenchRow(BenchConfig("hf"), num_prompts=1, num_new_tokens=num_tokens,
+                     elapsed_s=2.0, outputs=[[1] * num_tokens])]

@@ -187,3 +187,41 @@ def test_generate_cli_with_each_drafter(folders, capsys) -> None:
     assert "--cross-tokenizer" in capsys.readouterr().err
     assert main([*base, "--ngram", "2", "--num-draft-tokens", "0"]) == 1
     assert "draft tokens must be >= 1" in capsys.readouterr().err
+
+
+# ---- peers in a child process --------------------------------------------------------------
+def test_a_peer_runs_in_a_child_and_a_crash_costs_only_its_row() -> None:
+    from helpers import counting_peer, crashing_peer, failing_peer
+
+    from draftlm.bench.baselines import run_isolated
+
+    rows = run_isolated(counting_peer, (6,), "hf")
+    assert [(r.config.kind, r.num_new_tokens, r.tokens_per_second) for r in rows] == [
+        ("hf", 6, 3.0)]
+    crashed = run_isolated(crashing_peer, (), "llama.cpp")
+    assert len(crashed) == 1 and "crashed (signal 11)" in crashed[0].error
+    assert crashed[0].summary(10.0)["error"] == crashed[0].error
+    with pytest.raises(DraftlmError, match="needs a package"):
+        run_isolated(failing_peer, (), "llama.cpp")
+
+
+def test_bench_keeps_its_rows_when_a_peer_crashes(folders, tmp_path, monkeypatch) -> None:
+    """The rows measured before a crashing native peer are written, the peer's row says
+    what happened, and the command finishes normally."""
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra")
+    from helpers import crashing_peer
+
+    from draftlm.bench import command
+
+    monkeypatch.setattr(command, "run_llama_cpp_peer", crashing_peer)
+    out = tmp_path / "crash"
+    report = cmd_bench(str(folders / "target"),
+                       BenchOptions(ngrams=[2], draft_lengths=[2], peers=["llama.cpp"],
+                                    prompts=str(folders / "prompts.jsonl"), max_new_tokens=6,
+                                    out=str(out)),
+                       LoadOptions(dtype="float32"))
+    labels = [r["label"] for r in report["results"]]
+    assert labels == ["ar", "ngram 2 k=2 adaptive", "llama.cpp"]
+    assert "crashed" in report["results"][-1]["error"]
+    assert report["results"][1]["same_as_ar"] == 2
+    assert "crashed" in (out / "bench.md").read_text() and (out / "bench.png").is_file()

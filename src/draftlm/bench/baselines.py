@@ -1,12 +1,16 @@
-"""HF transformers as a peer for `draftlm bench --peer hf`: its plain and assisted greedy
-generation on the same models (read from the same GGUF files or folders) and on the same
-prompt tokens, so that its rows sit in the same table as ours.
+"""Peers for `draftlm bench --peer`: HF transformers' plain and assisted greedy generation,
+and llama.cpp's (llama-cpp-python), on the same models (read from the same GGUF files or
+folders) and the same prompt tokens, so that their rows sit in the same table as ours.
 
-draftlm itself never imports transformers; only this optional peer does.
+Each peer runs in a child process (`run_isolated`): native code that crashes (llama.cpp's
+repacked-weights path segfaults on some CPUs) loses only its own rows, reported as such,
+never the rows already measured. draftlm itself never imports transformers or llama_cpp;
+only these optional peers do.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -124,3 +128,44 @@ def run_llama_cpp_peer(
     if log:
         log(f"llama.cpp: {row.tokens_per_second:.2f} tok/s")
     return [row]
+
+
+def _peer_child(conn: Any, peer: Callable[..., list[BenchRow]], args: tuple) -> None:
+    """The child's side of `run_isolated`: the rows, or the one-line error, down the pipe."""
+    try:
+        conn.send(("rows", peer(*args)))
+    except DraftlmError as err:
+        conn.send(("error", str(err)))
+    finally:
+        conn.close()
+
+
+def run_isolated(peer: Callable[..., list[BenchRow]], args: tuple, kind: str,
+                 log: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """`peer(*args)` in a fresh child process (spawned: no copy of the parent's models or
+    threads). A user error in the child is raised here as the same `DraftlmError`; a crash
+    (a signal, or an exit without a result) becomes one row of `kind` with its `error`."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_peer_child, args=(send, peer, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:  # the child died before sending anything
+        status, payload = "crashed", None
+    child.join()
+    if status == "error":
+        raise DraftlmError(payload)
+    if status == "crashed":
+        code = child.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        row = BenchRow(BenchConfig(kind), error=f"the {kind} peer crashed ({how}); the rows "
+                                               "measured before it are kept")
+        if log:
+            log(f"{kind}: {row.error}")
+        return [row]
+    if log:
+        for row in payload:
+            log(f"{row.config.label}: {row.tokens_per_second:.2f} tok/s")
+    return payload

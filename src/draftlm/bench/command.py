@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from draftlm.bench.baselines import run_hf_peer, run_llama_cpp_peer
+from draftlm.bench.baselines import run_hf_peer, run_isolated, run_llama_cpp_peer
 from draftlm.bench.records import BenchConfig, BenchOptions, BenchRow, parse_variant
 from draftlm.errors import DraftlmError
 from draftlm.eval.humaneval import load_problems
@@ -92,8 +92,10 @@ def run_bench(
     lm: LM, configs: Sequence[BenchConfig], prompts: Sequence[str], max_new_tokens: int,
     draft_lms: dict[str, LM], temperature: float = 0.0, seed: int = 0,
     log: Callable[[str], None] | None = None,
+    on_row: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[BenchRow]:
-    """Run our configurations; `draft_lms` maps draft sources to loaded models."""
+    """Run our configurations; `draft_lms` maps draft sources to loaded models. `on_row`
+    gets the rows so far after each one (the command writes its report there)."""
     def make_drafter(config: BenchConfig) -> Any:
         draft_lm = draft_lms.get(config.source) if config.kind != "ngram" else None
         # A feature head (not among draft_lms) loads on the target, quantized as it is.
@@ -110,6 +112,8 @@ def run_bench(
         rows.append(row)
         if log:
             log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -125,6 +129,9 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
             "draft s | target s | same as AR |")
     lines = [head, "|" + "---|" * 9]
     for s in summaries:
+        if s.get("error"):
+            lines.append(f"| {s['label']} | {s['error']} |" + " - |" * 7)
+            continue
         same = f"{s['same_as_ar']}/{s['num_prompts']}" if s["same_as_ar"] is not None else "-"
         lines.append(
             f"| {s['label']} | {_fmt(s['tokens_per_second'])} | "
@@ -181,9 +188,10 @@ def _config_fields(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(
-    rows: Sequence[BenchRow], out: str | Path, meta: dict[str, Any]
+    rows: Sequence[BenchRow], out: str | Path, meta: dict[str, Any], with_plot: bool = True,
 ) -> dict[str, Any]:
-    """bench.json, bench.md and bench.png in `out`; returns the JSON document."""
+    """bench.json, bench.md and (`with_plot`) bench.png in `out`; returns the JSON
+    document. Written after every row too, so an interrupted run keeps what it measured."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ar = next((r for r in rows if r.config.kind == "ar"), None)
@@ -199,8 +207,11 @@ def write_report(
               f"\n\n"
               f"`{meta.get('command')}`\n\n")
     (out / "bench.md").write_text(header + table)
-    plot(summaries, out / "bench.png", f"{meta.get('model')}, {meta.get('num_prompts')} "
-         f"prompts, {meta.get('max_new_tokens')} new tokens")
+    if not with_plot:
+        return report
+    plot([s for s in summaries if not s.get("error")], out / "bench.png",
+         f"{meta.get('model')}, {meta.get('num_prompts')} prompts, "
+         f"{meta.get('max_new_tokens')} new tokens")
     return report
 
 
@@ -228,6 +239,21 @@ def cmd_bench(
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    torch_dtype = resolve_dtype(load_options.dtype, load_options.device, load_options.quantize)
+    meta = {
+        "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
+        "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
+        "quantize": load_options.quantize,
+        "draft_quantize": options.draft_quantize or load_options.quantize,
+        "compile": load_options.compile_mode,
+        "device": str(load_options.device), "torch_threads": torch.get_num_threads(),
+        "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
+    }
+
+    def save(rows: list[BenchRow]) -> None:
+        """The report so far: a crash or an interrupt later keeps every measured row."""
+        write_report(rows, options.out, meta, with_plot=False)
+
     lm = load(model, dtype=load_options.dtype, device=load_options.device,
               quantize=load_options.quantize, compile_step=load_options.compile_target,
               cuda_graphs=load_options.cuda_graphs)
@@ -240,8 +266,7 @@ def cmd_bench(
         else:
             check_same_tokenizer(lm, draft_lms[name], "--cross-draft")
     rows = run_bench(lm, options.configs(), texts, max_new_tokens, draft_lms, temperature,
-                     seed, log)
-    torch_dtype = resolve_dtype(load_options.dtype, load_options.device, load_options.quantize)
+                     seed, log, save)
     prompt_ids = [lm.tokenizer.encode(p) for p in texts]
     del lm, draft_lms
     gc.collect()  # two copies of the target do not fit a small machine
@@ -254,27 +279,19 @@ def cmd_bench(
         row.same_as_ar = rows[0].count_same(row)
         rows.append(row)
         log(f"{config.label}: {row.tokens_per_second:.2f} tok/s")
+        save(rows)
         del variant
         gc.collect()
-    peer_rows: list[BenchRow] = []
-    if "llama.cpp" in options.peers:
-        peer_rows += run_llama_cpp_peer(model, prompt_ids, max_new_tokens,
-                                        torch.get_num_threads(), log)
-    if "hf" in options.peers:
-        peer_rows += run_hf_peer(model, options.drafts, prompt_ids, max_new_tokens,
-                                 torch_dtype, log)
-    for row in peer_rows:
-        row.same_as_ar = rows[0].count_same(row)
-    rows += peer_rows
-    meta = {
-        "model": model, "num_prompts": len(texts), "max_new_tokens": max_new_tokens,
-        "temperature": temperature, "dtype": str(torch_dtype).removeprefix("torch."),
-        "quantize": load_options.quantize,
-        "draft_quantize": options.draft_quantize or load_options.quantize,
-        "compile": load_options.compile_mode,
-        "device": str(load_options.device), "torch_threads": torch.get_num_threads(),
-        "command": "draftlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "",
-    }
+    peers = [(run_llama_cpp_peer, (model, prompt_ids, max_new_tokens, torch.get_num_threads()),
+              "llama.cpp")] * ("llama.cpp" in options.peers)
+    peers += [(run_hf_peer, (model, [d for d in options.drafts if not is_feature_head(d)],
+                             prompt_ids, max_new_tokens, torch_dtype), "hf")] * (
+        "hf" in options.peers)
+    for peer, args, kind in peers:
+        for row in run_isolated(peer, args, kind, log):
+            row.same_as_ar = rows[0].count_same(row)
+            rows.append(row)
+        save(rows)
     report = write_report(rows, options.out, meta)
     print(markdown_table(report["results"]))
     print(f"wrote {options.out}/bench.json, bench.md, bench.png", file=sys.stderr)

@@ -237,6 +237,7 @@ class BenchRow:
     outputs: list[list[int]] = field(default_factory=list)
     # Plain decoding rows (ours, llama.cpp): time until each prompt's first new token.
     first_token_s: float | None = None
+    error: str | None = None  # a peer that crashed: why its row is empty
 
     @property
     def tokens_per_second(self) -> float:
@@ -250,8 +251,11 @@ class BenchRow:
             return None
         return (self.num_new_tokens - self.num_prompts) / (self.elapsed_s - self.first_token_s)
 
-    def count_same(self, other: BenchRow) -> int:
-        """Prompts on which `other` produced exactly this row's tokens."""
+    def count_same(self, other: BenchRow) -> int | None:
+        """Prompts on which `other` produced exactly this row's tokens (None: `other` has
+        no outputs, a peer that crashed)."""
+        if other.error is not None:
+            return None
         return sum(a == b for a, b in zip(self.outputs, other.outputs, strict=True))
 
     def summary(self, ar_tokens_per_second: float) -> dict[str, Any]:
@@ -276,4 +280,5 @@ class BenchRow:
             "draft_s": round(self.draft_s, 3) if spec else None,
             "target_s": round(self.target_s, 3) if spec else None,
             "same_as_ar": self.same_as_ar,
+            **({"error": self.error} if self.error else {}),
         }
