@@ -145,3 +145,26 @@ def test_cuda_matches_cpu() -> None:
         cpu = model(ids)
         gpu = model.cuda()(ids.cuda()).cpu()
     assert (cpu - gpu).abs().max() < 1e-3
+
+
+def test_rope_tables_cover_only_the_positions_reached() -> None:
+    """A config claiming a context of 16M positions (2 x 16 GB of float32 tables if made
+    whole) allocates tables for the positions its passes reach, and computes what a model
+    with a short context computes."""
+    torch.manual_seed(0)
+    short = Transformer(ModelConfig.from_name("tiny"))
+    huge = Transformer(short.config.with_(max_seq_len=1 << 24))
+    huge.load_state_dict(short.state_dict())
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(huge(ids), short(ids), rtol=0, atol=0)
+        assert huge._rope[0].shape[0] == 20
+        huge.setup_cache(1, 300)
+        huge(ids, start_pos=0)
+        assert huge._rope[0].shape[0] == 20
+        huge(ids[:, :5], start_pos=20)
+        assert huge._rope[0].shape[0] == 40  # grown by doubling as cached passes reach on
+        positions = torch.arange(3)
+        huge(ids[:, :3], positions=positions)  # a static-shape pass spans the whole cache
+        assert huge._rope[0].shape[0] == 300
+    assert short.rope_tables(torch.device("cpu"))[0].shape[0] == short.config.max_seq_len

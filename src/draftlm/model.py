@@ -240,16 +240,25 @@ class Transformer(nn.Module):
             )
 
     # ---- forward -----------------------------------------------------------------------
-    def rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos and sin [max_seq_len, head_dim] of every position, made once per device."""
-        if self._rope is None or self._rope[0].device != device:
+    def rope_tables(self, device: torch.device,
+                    length: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin [n, head_dim] of positions [0, n), n >= `length` (None: the whole
+        context), made on first need and grown by doubling: a config that claims a context
+        of millions of positions costs only the positions its passes reach."""
+        limit = self.config.max_seq_len
+        want = limit if length is None else min(max(length, 1), limit)
+        have = 0
+        if self._rope is not None and self._rope[0].device == device:
+            have = self._rope[0].shape[0]
+        if have < want:
+            n = min(max(want, 2 * have), limit)
             inv_freq = rope_frequencies(
                 self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
             )
-            pos = torch.arange(self.config.max_seq_len, dtype=torch.float32)
-            angles = torch.outer(pos, inv_freq)
+            angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
             angles = torch.cat((angles, angles), dim=-1)
             self._rope = (angles.cos().to(device), angles.sin().to(device))
+        assert self._rope is not None
         return self._rope
 
     def forward(
@@ -283,13 +292,16 @@ class Transformer(nn.Module):
             self.check_cached_pass(start_pos, t)
         elif start_pos is None and positions is None and t > self.config.max_seq_len:
             raise ValueError(f"{t} tokens exceed the context of {self.config.max_seq_len}")
-        cos, sin = self.rope_tables(input_ids.device)
+        # Compiled passes find the whole table made (`CompiledDecoder`): no growth in a graph.
+        start = 0 if start_pos is None else start_pos
+        length = None if torch.compiler.is_compiling() else (
+            self.max_cache_len if positions is not None else start + t)
+        cos, sin = self.rope_tables(input_ids.device, length)
         mask = None
         if positions is not None:
             cos, sin = cos[positions], sin[positions]
             mask = cache_mask(positions, self.max_cache_len)
         else:
-            start = 0 if start_pos is None else start_pos
             cos, sin = cos[start : start + t], sin[start : start + t]
             if start_pos is not None and t > 1 and start_pos > 0:
                 mask = past_mask(start_pos, t, input_ids.device)
