@@ -206,6 +206,11 @@ def write_report(
               f"{meta.get('quantize', 'none')} (drafts {meta.get('draft_quantize', 'none')})"
               f"\n\n"
               f"`{meta.get('command')}`\n\n")
+    if meta.get("compile") == "all":
+        table += ("\nUnder `--compile all` the target's plain steps and its verify passes run "
+                  "two compiled graphs that round differently, so a speculative row can leave "
+                  "the AR tokens at a near-tie (docs/compiled-decode.md); `--compile draft` "
+                  "keeps them equal.\n")
     (out / "bench.md").write_text(header + table)
     if not with_plot:
         return report
